@@ -1,0 +1,40 @@
+"""funclora: LoRA on any PyTorch model without mutating it, built on ``torch.func``.
+
+An adapter is a plain pytree ``{module path: {leaf: Tensor}}``; the forward is a pure function
+of (base params, adapter, inputs), so ``grad``, ``vmap`` and ``torch.compile`` compose with it.
+"""
+
+from . import rules
+from .apply import LoRA
+from .config import LoraConfig
+from .errors import AdapterMismatchError, TargetNotFoundError, UnsupportedModuleError
+from .lazy import MaterializationError, strict
+from .ops import select, stack, unstack
+from .peft_compat import PeftModel, get_peft_model
+from .rules import Factor, ParameterRule, Rule, register_rule, unregister_rule
+from .targeting import Plan, Target
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterMismatchError",
+    "Factor",
+    "LoRA",
+    "LoraConfig",
+    "MaterializationError",
+    "ParameterRule",
+    "PeftModel",
+    "Plan",
+    "Rule",
+    "Target",
+    "TargetNotFoundError",
+    "UnsupportedModuleError",
+    "get_peft_model",
+    "register_rule",
+    "rules",
+    "select",
+    "stack",
+    "strict",
+    "unregister_rule",
+    "unstack",
+]

@@ -1,0 +1,304 @@
+"""``LoRA``: a resolved plan plus the pure forward, merge, unmerge and delta.
+
+The forward is::
+
+    overlay = {path.weight: W (+) s·B@A for each target} ∪ {saved-module params} ∪ {trained biases}
+    out     = functional_call(model, overlay, args, kwargs)
+
+The model is never changed: ``functional_call`` swaps the overlay in for the duration of the
+call and restores the originals afterwards (also on exceptions). In training mode the model's
+buffers are passed as copies, so e.g. BatchNorm running statistics of the user's model stay as
+they were. Weight tying is not followed (``tie_weights=False``): an adapter on an input
+embedding does not leak into a tied output head, as in PEFT.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import optree
+import torch
+from torch import nn
+
+from .config import LoraConfig
+from .errors import AdapterMismatchError
+from .rules import Factor, init_factor
+from .targeting import Plan, make_plan
+
+__all__ = ["LoRA"]
+
+Adapter = dict  # {path: {leaf: Tensor}}
+
+
+@contextlib.contextmanager
+def _training_mode(model: nn.Module, training: bool | None):
+    """Run with every module in ``training`` mode, then restore each module's own flag."""
+    if training is None:
+        yield
+        return
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.train(training)
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+class LoRA:
+    """LoRA on ``model`` as ``config`` describes, without ever changing ``model``.
+
+    Args:
+        model: any ``nn.Module``; it is read, never written.
+        config: a :class:`~funclora.LoraConfig` (PEFT's fields).
+
+    Example:
+        >>> import torch, funclora as fl
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> lora = fl.LoRA(model, fl.LoraConfig(target_modules=["0", "2"], r=2))
+        >>> lora.targeted_module_names
+        ['0', '2']
+        >>> adapter = lora.init(generator=torch.Generator().manual_seed(0))
+        >>> tuple(adapter["0"]["lora_A"].shape), tuple(adapter["0"]["lora_B"].shape)
+        ((2, 4), (8, 2))
+        >>> x = torch.randn(3, 4)
+        >>> torch.allclose(lora(adapter, x), model(x))   # a fresh adapter changes nothing
+        True
+    """
+
+    def __init__(self, model: nn.Module, config: LoraConfig):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"LoRA: `model` must be a torch.nn.Module, got {type(model).__name__}.")
+        if not isinstance(config, LoraConfig):
+            raise TypeError(f"LoRA: `config` must be a funclora.LoraConfig, got {type(config).__name__}.")
+        self.model = model
+        self.config = config
+        self.plan: Plan = make_plan(model, config)
+        self._specs: dict[str, dict[str, Factor | tuple]] = {}
+        self._updated: dict[str, tuple[str, ...]] = {}
+        for path, t in self.plan.targets.items():
+            self._specs[path] = dict(t.rule.factors(t.module, t.r))
+            self._updated[path] = tuple(t.rule.updated_parameters(t.module))
+        for path, names in self.plan.saved.items():
+            module = model.get_submodule(path)
+            self._specs.setdefault(path, {}).update(
+                {n: tuple(module.get_parameter(n).shape) for n in names})
+        for path in self.plan.biases:
+            self._specs.setdefault(path, {})["bias"] = tuple(model.get_submodule(path).bias.shape)
+        # parameter name -> the name ``named_parameters()`` lists it under (tied weights)
+        first: dict[int, str] = {}
+        self._alias: dict[str, str] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            self._alias[name] = first.setdefault(id(p), name)
+
+    # --- what is targeted ---------------------------------------------------------------------
+    @property
+    def targeted_module_names(self) -> list[str]:
+        """Module paths that carry LoRA, in ``named_modules`` order (PEFT's attribute)."""
+        return list(dict.fromkeys(t.module_path for t in self.plan.targets.values()
+                                  if t.path == t.module_path))
+
+    @property
+    def targeted_parameter_names(self) -> list[str]:
+        """Parameter paths adapted through ``target_parameters``."""
+        return [t.path for t in self.plan.targets.values() if t.path != t.module_path]
+
+    def shapes(self) -> dict[str, dict[str, tuple[int, ...]]]:
+        """``{path: {leaf: shape}}`` of the adapter this LoRA expects."""
+        return {p: {leaf: tuple(s.shape) if isinstance(s, Factor) else s for leaf, s in leaves.items()}
+                for p, leaves in self._specs.items()}
+
+    # --- adapters -----------------------------------------------------------------------------
+    def init(self, *, generator: torch.Generator | None = None, dtype=None) -> Adapter:
+        """A fresh adapter: PEFT's init per ``config.init_lora_weights``; copies for saved modules.
+
+        Args:
+            generator: seeds the random factors.
+            dtype: factor dtype. ``None`` (PEFT's default): the base weight's dtype, with fp16 /
+                bf16 bases given fp32 factors; ``"base"``: always the base weight's dtype; or a
+                ``torch.dtype``.
+
+        Returns:
+            ``{path: {leaf: Tensor}}``: ``lora_A (r, in)`` / ``lora_B (out, r)`` for Linear,
+            ``lora_embedding_A (r, num)`` / ``lora_embedding_B (dim, r)`` for Embedding, the
+            parameters of each saved module, and ``bias`` for trained biases.
+        """
+        how = self.config.init_lora_weights
+        adapter: Adapter = {}
+        for path, t in self.plan.targets.items():
+            base = t.module.get_parameter(self._updated[path][0])
+            leaf_dtype = _factor_dtype(base.dtype, dtype)
+            adapter[path] = {leaf: init_factor(spec, t.r, how, generator, leaf_dtype, base.device)
+                             for leaf, spec in self._specs[path].items() if isinstance(spec, Factor)}
+        for path, names in self.plan.saved.items():
+            module = self.model.get_submodule(path)
+            adapter.setdefault(path, {}).update(
+                {n: module.get_parameter(n).detach().clone() for n in names})
+        for path in self.plan.biases:
+            adapter.setdefault(path, {})["bias"] = self.model.get_submodule(path).bias.detach().clone()
+        return {p: adapter[p] for p in self._specs}
+
+    def check(self, adapter: Adapter, *, batched: int = 0) -> None:
+        """Raise :class:`AdapterMismatchError` unless ``adapter`` has exactly the expected leaves.
+
+        ``batched`` is the number of leading stack axes each leaf may carry.
+        """
+        if not isinstance(adapter, dict):
+            raise AdapterMismatchError(f"LoRA: the adapter must be a dict {{path: {{leaf: tensor}}}}, "
+                                       f"got {type(adapter).__name__}.")
+        if adapter.keys() != self._specs.keys():
+            missing = [p for p in self._specs if p not in adapter]
+            extra = [p for p in adapter if p not in self._specs]
+            raise AdapterMismatchError(
+                f"LoRA: the adapter's module paths do not fit this model: missing {missing}, "
+                f"unexpected {extra}. Was it made for another model or config?")
+        for path, leaves in self._specs.items():
+            given = adapter[path]
+            if not isinstance(given, dict) or given.keys() != leaves.keys():
+                found = sorted(given) if isinstance(given, dict) else type(given).__name__
+                raise AdapterMismatchError(
+                    f"LoRA: adapter[{path!r}] has leaves {found}, expected {sorted(leaves)}.")
+            for leaf, spec in leaves.items():
+                want = tuple(spec.shape) if isinstance(spec, Factor) else spec
+                got = tuple(given[leaf].shape)
+                if got[batched:] != want:
+                    hint = (" It has extra leading axes: vmap over a stacked adapter "
+                            "(torch.func.vmap(lora, in_dims=(0, None)))." if got[-len(want):] == want
+                            and len(got) > len(want) else
+                            " Was the adapter trained on another model or with another r?")
+                    raise AdapterMismatchError(
+                        f"LoRA: adapter[{path!r}][{leaf!r}] has shape {got} but the model's {path} "
+                        f"needs {want}.{hint}")
+
+    # --- forward ------------------------------------------------------------------------------
+    def __call__(self, adapter: Adapter, *args, **kwargs):
+        """``model(*args, **kwargs)`` with ``adapter`` applied; base params read from the model."""
+        return self._forward(None, adapter, args, kwargs, None)
+
+    def apply(self, params: dict[str, torch.Tensor], adapter: Adapter, *args, **kwargs):
+        """Same as ``__call__`` with an explicit base-params dict (e.g. from ``merge``)."""
+        return self._forward(params, adapter, args, kwargs, None)
+
+    def _forward(self, params, adapter, args, kwargs, training):
+        if not torch._C._is_torch_function_enabled():
+            raise RuntimeError(
+                "LoRA: torch function handling is disabled here (DisableTorchFunctionSubclass or "
+                "DisableTorchFunction), so the LoRA weights would silently act as the plain base "
+                "weights. Call the LoRA forward outside that context.")
+        self.check(adapter)
+        with _training_mode(self.model, training):
+            mode = self.model.training
+            tensors = {} if params is None else self._untie(params)
+            tensors.update(self._overlay(adapter, tensors if params is not None else None))
+            if mode:
+                tensors.update({n: b.clone() for n, b in self.model.named_buffers()})
+            return torch.func.functional_call(self.model, tensors, args, kwargs, tie_weights=False, strict=False)
+
+    def _untie(self, params):
+        out = dict(params)
+        for name, canonical in self._alias.items():
+            if name not in out and canonical in params:
+                out[name] = params[canonical]
+        return out
+
+    def _base(self, name: str, params) -> torch.Tensor:
+        if params is None:
+            return self.model.get_parameter(name)
+        if name in params:
+            return params[name]
+        try:
+            return params[self._alias.get(name, name)]
+        except KeyError:
+            raise AdapterMismatchError(f"LoRA: the params dict has no entry {name!r} needed by a target; "
+                                       "pass the model's full named_parameters().") from None
+
+    def _overlay(self, adapter: Adapter, params) -> dict[str, torch.Tensor]:
+        out = {}
+        for path, t in self.plan.targets.items():
+            base = {n: self._base(f"{t.module_path}.{n}", params) for n in self._updated[path]}
+            dropout = t.dropout if t.module.training else 0.0
+            for n, v in t.rule.overlay(t.module, base, adapter[path], t.scaling, dropout=dropout, path=path).items():
+                out[f"{t.module_path}.{n}"] = v
+        for path, names in self.plan.saved.items():
+            out.update({f"{path}.{n}": adapter[path][n] for n in names})
+        for path in self.plan.biases:
+            out[f"{path}.bias"] = adapter[path]["bias"]
+        return out
+
+    # --- merge --------------------------------------------------------------------------------
+    def delta(self, adapter: Adapter) -> dict[str, torch.Tensor]:
+        """``{param name: s·ΔW}`` for each adapted weight, keyed like :meth:`merge`'s params."""
+        self.check(adapter)
+        out = {}
+        for path, t in self.plan.targets.items():
+            try:
+                deltas = t.rule.delta(t.module, adapter[path], t.scaling)
+            except NotImplementedError as e:
+                raise NotImplementedError(f"LoRA.merge: cannot form the update of {path!r}: {e}") from None
+            out.update({f"{t.module_path}.{n}": d for n, d in deltas.items()})
+        return out
+
+    def merge(self, adapter: Adapter, params: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """New params ``{name: W + s·ΔW}`` with saved modules and trained biases replaced.
+
+        Running the model with these params (``functional_call(model, merged, x)``) equals
+        ``lora(adapter, x)``. ``params`` defaults to the model's ``named_parameters()``.
+        """
+        base = dict(self.model.named_parameters()) if params is None else dict(params)
+        merged = dict(base)
+        for name, d in self.delta(adapter).items():
+            w = self._base(name, base)
+            merged[name] = w + d.to(w.dtype)
+        merged.update(self._replaced(adapter))
+        return merged
+
+    def unmerge(self, merged: dict[str, torch.Tensor], adapter: Adapter) -> dict[str, torch.Tensor]:
+        """Undo :meth:`merge`: ``W = merged − s·ΔW``; saved modules and biases from the model."""
+        params = dict(merged)
+        for name, d in self.delta(adapter).items():
+            w = merged[name]
+            params[name] = w - d.to(w.dtype)
+        for name in self._replaced(adapter):
+            params[name] = self.model.get_parameter(name)
+        return params
+
+    def _replaced(self, adapter: Adapter) -> dict[str, torch.Tensor]:
+        out = {f"{path}.{n}": adapter[path][n] for path, names in self.plan.saved.items() for n in names}
+        out.update({f"{path}.bias": adapter[path]["bias"] for path in self.plan.biases})
+        return out
+
+    # --- counting -----------------------------------------------------------------------------
+    def num_parameters(self, adapter: Adapter | None = None) -> tuple[int, int]:
+        """``(trainable, all)`` counted as PEFT does: saved modules count twice in ``all``."""
+        sizes = self.shapes() if adapter is None else optree.tree_map(lambda t: tuple(t.shape), adapter,
+                                                                       none_is_leaf=False)
+        trainable = copies = 0
+        for path, leaves in sizes.items():
+            for leaf, shape in leaves.items():
+                n = 1
+                for s in shape:
+                    n *= s
+                trainable += n
+                if not (path in self.plan.biases and leaf == "bias"):
+                    copies += n
+        base = sum(p.numel() for p in self.model.parameters())
+        return trainable, base + copies
+
+    def print_trainable_parameters(self, adapter: Adapter | None = None) -> None:
+        """Print ``trainable params: T || all params: N || trainable%: P`` exactly as PEFT."""
+        trainable, total = self.num_parameters(adapter)
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+              f"trainable%: {100 * trainable / total:.4f}")
+
+    def __repr__(self):
+        return f"LoRA({type(self.model).__name__}, r={self.config.r})\n{self.plan}"
+
+
+def _factor_dtype(base_dtype: torch.dtype, dtype) -> torch.dtype:
+    if dtype is None:
+        return torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
+    if dtype == "base":
+        return base_dtype
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"LoRA.init: `dtype` must be None, 'base' or a torch.dtype, got {dtype!r}.")
+    return dtype

@@ -1,0 +1,273 @@
+"""``LoraConfig``: PEFT's LoRA fields, defaults and validation; JSON in and out.
+
+The field names, defaults and meanings are PEFT 0.21's (see ``PEFT_LORA_SEMANTICS.md``), so a
+PEFT ``adapter_config.json`` reads into this class and back. A PEFT field funclora does not
+implement is accepted only at its default value: any other value is an error that names it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["LoraConfig"]
+
+_KNOWN_INITS = ("pissa", "olora", "orthogonal", "loftq", "eva", "corda", "lora_ga", "mica")
+
+# PEFT fields that funclora does not implement, with the default each must keep.
+_UNSUPPORTED_DEFAULTS: dict[str, Any] = {
+    "megatron_config": None,
+    "megatron_core": "megatron.core",
+    "trainable_token_indices": None,
+    "loftq_config": {},
+    "eva_config": None,
+    "corda_config": None,
+    "lora_ga_config": None,
+    "use_dora": False,
+    "velora_config": None,
+    "alora_invocation_tokens": None,
+    "use_qalora": False,
+    "qalora_group_size": 16,
+    "monteclora_config": None,
+    "layer_replication": None,
+    "lora_bias": False,
+    "use_bdlora": None,
+    "arrow_config": None,
+    "kasa_config": None,
+    "ensure_weight_tying": False,
+}
+
+# Fields that describe the file or the training run and change no numerics here.
+_INERT = ("task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path",
+          "revision", "inference_mode", "runtime_config")
+
+
+@dataclass
+class LoraConfig:
+    """PEFT's ``LoraConfig``, the fields funclora implements plus PEFT's others at their defaults.
+
+    Args:
+        r: rank of the update (``lora_A``: ``(r, in_features)``, ``lora_B``: ``(out_features, r)``).
+        lora_alpha: scaling numerator; the update is ``(lora_alpha / r)·B@A``
+            (``lora_alpha / sqrt(r)`` with ``use_rslora``).
+        lora_dropout: dropout on the LoRA branch's input, in training only.
+        target_modules: list = module names matched exactly or as a dotted suffix
+            (``"q_proj"`` matches ``model.layers.0.self_attn.q_proj``); str = a regex that must
+            match the whole module path; ``"all-linear"`` = every ``nn.Linear`` / ``Conv1D``
+            except a transformers model's output head; ``None`` = the default table for a
+            transformers ``config.model_type``.
+        exclude_modules: same matching as ``target_modules``; matches are never targeted.
+        modules_to_save: modules trained in full (a copy of their parameters lives in the adapter).
+        bias: ``"none"``, ``"all"`` (every bias in the model is trained) or ``"lora_only"``
+            (biases of targeted modules).
+        init_lora_weights: ``True`` (kaiming-uniform A, zero B), ``"gaussian"`` or ``False``.
+        use_rslora: scale by ``lora_alpha / sqrt(r)``.
+        rank_pattern, alpha_pattern: ``{regex: value}``; the first key (in insertion order) that
+            matches a dotted suffix of a module path sets that module's ``r`` / ``lora_alpha``.
+        layers_to_transform, layers_pattern: only adapt layers with these indices (list targets).
+        fan_in_fan_out: PEFT's flag for weights stored ``(in, out)``; funclora derives the layout
+            from the layer type (transformers ``Conv1D`` is always ``(in, out)``).
+        target_parameters: parameter names (exact or dotted suffix, e.g. ``"lstm.weight_ih_l0"``)
+            of any ≥2-D ``nn.Parameter`` to adapt.
+
+    Example:
+        >>> import funclora as fl
+        >>> config = fl.LoraConfig(target_modules=["seq.0", "seq.2"], modules_to_save=["seq.4"])
+        >>> config.r, config.lora_alpha
+        (8, 8)
+    """
+
+    task_type: str | None = None
+    peft_type: str | None = "LORA"
+    auto_mapping: dict | None = None
+    peft_version: str | None = None
+    base_model_name_or_path: str | None = None
+    revision: str | None = None
+    inference_mode: bool = False
+    r: int = 8
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    fan_in_fan_out: bool = False
+    bias: str = "none"
+    use_rslora: bool = False
+    modules_to_save: list[str] | None = None
+    init_lora_weights: bool | str = True
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    megatron_config: dict | None = None
+    megatron_core: str | None = "megatron.core"
+    trainable_token_indices: Any = None
+    loftq_config: dict = field(default_factory=dict)
+    eva_config: Any = None
+    corda_config: Any = None
+    lora_ga_config: Any = None
+    use_dora: bool = False
+    velora_config: Any = None
+    alora_invocation_tokens: Any = None
+    use_qalora: bool = False
+    qalora_group_size: int = 16
+    monteclora_config: Any = None
+    layer_replication: Any = None
+    runtime_config: Any = None
+    lora_bias: bool = False
+    target_parameters: list[str] | None = None
+    use_bdlora: Any = None
+    arrow_config: Any = None
+    kasa_config: Any = None
+    ensure_weight_tying: bool = False
+
+    def __post_init__(self):
+        self._custom_modules: dict = {}
+        self.target_modules = _names_or_regex("target_modules", self.target_modules)
+        self.exclude_modules = _names_or_regex("exclude_modules", self.exclude_modules)
+        if self.modules_to_save is not None:
+            self.modules_to_save = _name_list("modules_to_save", self.modules_to_save)
+        if self.target_parameters is not None:
+            if isinstance(self.target_parameters, str):
+                raise TypeError("LoraConfig: `target_parameters` must be a list of strings or None.")
+            self.target_parameters = _name_list("target_parameters", self.target_parameters)
+        self._validate()
+
+    def _validate(self):
+        for name, default in _UNSUPPORTED_DEFAULTS.items():
+            value = getattr(self, name)
+            if value != default and not (default is None and value in ({}, [], False)):
+                raise ValueError(
+                    f"LoraConfig: `{name}={value!r}` is a PEFT option funclora does not implement "
+                    f"(expected the default {default!r}). Remove it, or use PEFT for this adapter."
+                )
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+            raise ValueError(f"LoraConfig: `r` must be a positive int, got {self.r!r}.")
+        for key, value in self.rank_pattern.items():
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"LoraConfig: rank_pattern[{key!r}] must be a positive int, got {value!r}.")
+        if not 0.0 <= float(self.lora_dropout) < 1.0:
+            raise ValueError(f"LoraConfig: `lora_dropout` must be in [0, 1), got {self.lora_dropout!r}.")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ValueError(f"LoraConfig: `bias` must be 'none', 'all' or 'lora_only', got {self.bias!r}.")
+        init = self.init_lora_weights
+        if init not in (True, False, "gaussian"):
+            if isinstance(init, str) and (init in _KNOWN_INITS or init.startswith("pissa_niter_")):
+                raise ValueError(
+                    f"LoraConfig: `init_lora_weights={init!r}` is a PEFT initialisation funclora does "
+                    "not implement; use True, 'gaussian' or False."
+                )
+            raise ValueError(f"Unknown initialization init_lora_weights={init!r}")
+        if isinstance(self.target_modules, str):
+            if self.layers_to_transform is not None:
+                raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str.")
+            if self.layers_pattern not in (None, []):
+                raise ValueError("`layers_pattern` cannot be used when `target_modules` is a str.")
+        if self.layers_pattern not in (None, []) and self.layers_to_transform is None:
+            raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified. ")
+        if self.target_parameters:
+            if self.lora_dropout:
+                raise ValueError(
+                    f"LoraConfig: `lora_dropout={self.lora_dropout}` cannot be used with "
+                    "`target_parameters` (the parameter's update is merged into the weight for the "
+                    "module's forward, so there is no LoRA branch input to drop). Set lora_dropout=0."
+                )
+
+    # --- custom rules -------------------------------------------------------------------------
+    def register_custom_module(self, mapping: dict) -> None:
+        """Use your own rules for these module types with this config: ``{nn.LSTM: MyRule()}``.
+
+        Rules given here win over :func:`funclora.register_rule` and the built-ins. A rule class
+        (not an instance) is instantiated with no arguments, so the seed guide's
+        ``config._register_custom_module({nn.LSTM: MyLoraLSTMLayer})`` works.
+        """
+        from .rules import as_rule
+
+        for module_type, rule in mapping.items():
+            if not isinstance(module_type, type):
+                raise TypeError(
+                    f"register_custom_module: keys must be module types such as nn.LSTM, got {module_type!r}."
+                )
+            self._custom_modules[module_type] = as_rule(rule, module_type)
+
+    _register_custom_module = register_custom_module
+
+    # --- JSON ---------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        """The config as PEFT writes it in ``adapter_config.json`` (JSON-ready values)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "runtime_config":
+                continue
+            out[f.name] = _jsonable(value)
+        out["peft_type"] = "LORA"
+        return out
+
+    def to_json_string(self) -> str:
+        """``to_dict()`` as PEFT formats it (indent 2, sorted keys)."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict, *, source: str = "config") -> "LoraConfig":
+        """Build a config from a PEFT ``adapter_config.json`` dict.
+
+        Keys this version does not know (newer PEFT fields) are ignored with one warning.
+        """
+        if not isinstance(data, dict):
+            raise ValueError(f"LoraConfig.from_dict: {source} must hold a JSON object, found {type(data).__name__}.")
+        peft_type = data.get("peft_type", "LORA")
+        if peft_type not in (None, "LORA"):
+            raise ValueError(
+                f"LoraConfig.from_dict: {source} has peft_type={peft_type!r}; funclora reads LoRA "
+                "adapters only (peft_type 'LORA')."
+            )
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            warnings.warn(
+                f"LoraConfig.from_dict: {source} has keys this funclora version does not know and "
+                f"ignores: {unknown}.",
+                UserWarning,
+                stacklevel=2,
+            )
+        kwargs = {k: v for k, v in data.items() if k in names and k != "runtime_config"}
+        return cls(**kwargs)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, subfolder: str | None = None) -> "LoraConfig":
+        """Read ``adapter_config.json`` from a folder (PEFT's or funclora's)."""
+        from .io import read_config
+
+        folder = os.path.join(path, subfolder) if subfolder else path
+        return read_config(folder)
+
+
+def _jsonable(value):
+    if isinstance(value, (set, tuple)):
+        return sorted(value) if all(isinstance(v, str) for v in value) else list(value)
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if dataclasses.is_dataclass(value):
+        return dataclasses.asdict(value)
+    return value
+
+
+def _name_list(field_name: str, value) -> list[str]:
+    try:
+        names = list(dict.fromkeys(value))
+    except TypeError:
+        raise TypeError(f"LoraConfig: `{field_name}` must be a list of strings, got {value!r}.") from None
+    for name in names:
+        if not isinstance(name, str):
+            raise TypeError(f"LoraConfig: `{field_name}` must hold strings, found {name!r}.")
+    return names
+
+
+def _names_or_regex(field_name: str, value):
+    if value is None or isinstance(value, str):
+        return value
+    return _name_list(field_name, value)

@@ -1,0 +1,250 @@
+"""The lazy LoRA weight: a tensor that *is* ``W`` and knows its low-rank update ``s·B@A``.
+
+``LoraWeight`` is an alias of the base weight (made with ``W.as_subclass``) that carries the
+factors. Its ``__torch_function__`` intercepts the ops that consume a weight and computes them
+factored, never forming the dense ``B@A``:
+
+=====================  ===========================================================
+op                     computed as
+=====================  ===========================================================
+``F.linear``           ``x@Wᵀ + b + s·(drop(x)@Aᵀ)@Bᵀ``
+``torch.addmm``        transformers ``Conv1D`` (``W`` stored ``(in, out)``)
+``torch.matmul``/``@`` ``x @ W`` with ``W`` stored ``(in, out)``
+``F.embedding``        ``E(ids; W) + s·E(ids; Aᵀ)@Bᵀ`` (base ``padding_idx`` honoured)
+``F.conv1d/2d/3d``     base conv + ``s·conv_1×1(conv(drop(x); A); B)`` with the call's
+                       stride, padding, dilation and groups
+=====================  ===========================================================
+
+Metadata reads (``.shape``, ``.dtype``, ...) are answered by ``W``. Any other op sees the dense
+``W + s·ΔW`` ("materialization"), so every module still works, only slower; inside
+:func:`strict` materialization raises :class:`MaterializationError` instead.
+
+The LoRA branch runs in the factors' dtype (fp32 factors over a bf16 base, as PEFT does) and is
+cast back to the base output's dtype.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["LoraWeight", "LoraParts", "MaterializationError", "strict", "lora_weight"]
+
+_STRICT = contextvars.ContextVar("funclora_strict", default=False)
+
+
+class MaterializationError(RuntimeError):
+    """Raised inside :func:`strict` when an op would form the dense ``W + s·B@A``."""
+
+
+@contextlib.contextmanager
+def strict(enabled: bool = True):
+    """Within this context a LoRA weight never materializes: unsupported ops raise.
+
+    Example:
+        >>> import torch, funclora as fl
+        >>> with fl.strict():
+        ...     pass  # run lora(adapter, x) here to prove no dense B@A is formed
+    """
+    token = _STRICT.set(enabled)
+    try:
+        yield
+    finally:
+        _STRICT.reset(token)
+
+
+@dataclass(frozen=True)
+class LoraParts:
+    """What a :class:`LoraWeight` carries besides its base tensor.
+
+    Attributes:
+        base: the plain base weight ``W`` (same tensor, not a subclass).
+        A: ``lora_A`` ``(r, in, *kernel)``, or ``lora_embedding_A`` ``(r, num_embeddings)``.
+        B: ``lora_B`` ``(out, r // groups, *1)``, or ``lora_embedding_B`` ``(dim, r)``.
+        scaling: ``s`` (``alpha / r`` or ``alpha / sqrt(r)``).
+        layout: ``"linear"`` (W ``(out, in)``), ``"conv1d_t"`` (transformers Conv1D, W ``(in, out)``),
+            ``"embedding"`` (W ``(num, dim)``) or ``"conv"`` (W ``(out, in/groups, *kernel)``).
+        dropout: dropout probability on the LoRA branch input (0 when not training).
+        path: module path, for error messages.
+    """
+
+    base: torch.Tensor
+    A: torch.Tensor
+    B: torch.Tensor
+    scaling: float
+    layout: str
+    dropout: float = 0.0
+    path: str = ""
+    groups: int = 1
+
+
+def lora_weight(parts: LoraParts) -> "LoraWeight":
+    """Build the lazy weight ``W (+) s·B@A`` (call it inside the traced / vmapped function)."""
+    weight = parts.base.as_subclass(LoraWeight)
+    weight._lora = parts
+    return weight
+
+
+def dense_delta(parts: LoraParts) -> torch.Tensor:
+    """``s·ΔW`` in the base weight's layout and the factors' dtype."""
+    A, B, s = parts.A, parts.B, parts.scaling
+    if parts.layout == "linear":
+        return s * (B @ A)
+    if parts.layout in ("conv1d_t", "embedding"):
+        return s * (B @ A).transpose(-2, -1)
+    if parts.layout == "conv":
+        if parts.groups != 1:
+            raise NotImplementedError(
+                f"funclora: the LoRA update of the grouped conv {parts.path!r} (groups={parts.groups}) "
+                "is not a grouped kernel, so it has no dense form; its forward is exact, but merge "
+                "is impossible. Leave it unmerged or do not target this layer."
+            )
+        return s * _conv_delta(A, B)
+    raise ValueError(f"funclora: unknown LoRA layout {parts.layout!r}")
+
+
+def _conv_delta(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """``ΔW[o, i, k…] = Σ_ρ B[o, ρ] A[ρ, i, k…]`` for ``A (r, in, *k)``, ``B (out, r, *1)``."""
+    b = B.reshape(B.shape[0], B.shape[1])
+    return (b @ A.reshape(A.shape[0], -1)).reshape(B.shape[0], *A.shape[1:])
+
+
+def _materialize(parts: LoraParts, what: str) -> torch.Tensor:
+    if _STRICT.get():
+        raise MaterializationError(
+            f"funclora.strict: {what} on the LoRA weight of {parts.path!r} would form the dense "
+            "W + s·B@A; only F.linear, torch.addmm/matmul, F.embedding and F.conv1d/2d/3d are "
+            "computed factored. Leave strict mode to allow it."
+        )
+    W = parts.base
+    return W + dense_delta(parts).to(W.dtype)
+
+
+def _dropped(x: torch.Tensor, parts: LoraParts) -> torch.Tensor:
+    x = x.to(parts.A.dtype)
+    return F.dropout(x, parts.dropout, training=True) if parts.dropout > 0 else x
+
+
+def _linear_branch(x: torch.Tensor, parts: LoraParts, out_dtype: torch.dtype) -> torch.Tensor:
+    """``s·(drop(x)@Aᵀ)@Bᵀ`` for ``x (..., in)`` → ``(..., out)``."""
+    h = F.linear(F.linear(_dropped(x, parts), parts.A), parts.B)
+    return (parts.scaling * h).to(out_dtype)
+
+
+def _linear(input, weight, bias=None):
+    parts = weight._lora
+    out = F.linear(input, parts.base, bias)
+    return out + _linear_branch(input, parts, out.dtype)
+
+
+def _addmm(input, mat1, mat2, *, beta=1, alpha=1, out=None):
+    parts = mat2._lora
+    if out is not None:
+        raise MaterializationError("funclora: torch.addmm(out=...) is not supported on a LoRA weight")
+    res = torch.addmm(input, mat1, parts.base, beta=beta, alpha=alpha)
+    branch = _linear_branch(mat1, parts, res.dtype)
+    return res + (branch if alpha == 1 else alpha * branch)
+
+
+def _matmul(input, other, *, out=None):
+    parts = other._lora
+    if out is not None:
+        raise MaterializationError("funclora: torch.matmul(out=...) is not supported on a LoRA weight")
+    res = torch.matmul(input, parts.base)
+    return res + _linear_branch(input, parts, res.dtype)
+
+
+def _embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0,
+               scale_grad_by_freq=False, sparse=False):
+    parts = weight._lora
+    out = F.embedding(input, parts.base, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)
+    # PEFT renormalises lora_embedding_A in place when max_norm is set; we never touch A.
+    rows = F.embedding(input, parts.A.transpose(0, 1), padding_idx, None, norm_type, scale_grad_by_freq)
+    return out + (parts.scaling * (rows @ parts.B.transpose(0, 1))).to(out.dtype)
+
+
+def _make_conv(conv):
+    def _conv(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+        parts = weight._lora
+        out = conv(input, parts.base, bias, stride, padding, dilation, groups)
+        h = conv(_dropped(input, parts), parts.A, None, stride, padding, dilation, 1)
+        h = conv(h, parts.B, None, 1, 0, 1, groups)
+        return out + (parts.scaling * h).to(out.dtype)
+
+    return _conv
+
+
+# func -> (name of the weight argument, its position, the factored implementation, layouts it serves)
+_FACTORED = {
+    F.linear: ("weight", 1, _linear, ("linear",)),
+    torch.addmm: ("mat2", 2, _addmm, ("conv1d_t",)),
+    torch.Tensor.addmm: ("mat2", 2, _addmm, ("conv1d_t",)),
+    torch.matmul: ("other", 1, _matmul, ("conv1d_t",)),
+    torch.Tensor.matmul: ("other", 1, _matmul, ("conv1d_t",)),
+    torch.Tensor.__matmul__: ("other", 1, _matmul, ("conv1d_t",)),
+    F.embedding: ("weight", 1, _embedding, ("embedding",)),
+    F.conv1d: ("weight", 1, _make_conv(F.conv1d), ("conv",)),
+    F.conv2d: ("weight", 1, _make_conv(F.conv2d), ("conv",)),
+    F.conv3d: ("weight", 1, _make_conv(F.conv3d), ("conv",)),
+}
+
+# Reads that never depend on the values, answered by W itself.
+_METADATA = {
+    getter.__get__
+    for getter in (
+        torch.Tensor.shape, torch.Tensor.dtype, torch.Tensor.device, torch.Tensor.ndim,
+        torch.Tensor.requires_grad, torch.Tensor.is_leaf, torch.Tensor.layout,
+        torch.Tensor.is_cuda, torch.Tensor.is_meta, torch.Tensor.is_sparse,
+        torch.Tensor.is_quantized, torch.Tensor.itemsize, torch.Tensor.nbytes,
+        torch.Tensor.grad_fn, torch.Tensor.is_nested, torch.Tensor._version,
+    )
+} | {
+    torch.Tensor.size, torch.Tensor.dim, torch.Tensor.numel, torch.Tensor.stride,
+    torch.Tensor.element_size, torch.Tensor.is_floating_point, torch.Tensor.is_complex,
+    torch.Tensor.is_contiguous, torch.Tensor.get_device, torch.Tensor.data_ptr,
+    torch.Tensor.__len__, torch.Tensor.is_inference,
+}
+
+
+def _unwrap(value, what):
+    if isinstance(value, LoraWeight):
+        return _materialize(value._lora, what)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_unwrap(v, what) for v in value)
+    if isinstance(value, dict):
+        return {k: _unwrap(v, what) for k, v in value.items()}
+    return value
+
+
+class LoraWeight(torch.Tensor):
+    """A base weight ``W`` that also carries ``A``, ``B`` and ``s`` (see the module docstring).
+
+    Do not build it directly; :func:`lora_weight` does, inside the functional forward.
+    """
+
+    _lora: LoraParts
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        with torch._C.DisableTorchFunctionSubclass():
+            if func in _METADATA:
+                return func(*_plain(args), **kwargs)
+            entry = _FACTORED.get(func)
+            if entry is not None:
+                name, pos, impl, layouts = entry
+                weight = kwargs.get(name, args[pos] if len(args) > pos else None)
+                if isinstance(weight, LoraWeight) and weight._lora.layout in layouts and not any(
+                    isinstance(a, LoraWeight) for i, a in enumerate(args) if i != pos
+                ):
+                    return impl(*args, **kwargs)
+            what = getattr(func, "__name__", repr(func))
+            return func(*_unwrap(args, what), **_unwrap(kwargs, what))
+
+
+def _plain(args):
+    return tuple(a._lora.base if isinstance(a, LoraWeight) else a for a in args)

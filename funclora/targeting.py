@@ -1,0 +1,329 @@
+"""PEFT's name-matching rules, resolved once into a printable :class:`Plan`.
+
+Per module path (``named_modules`` order, root skipped), as PEFT 0.21 does:
+
+1. ``exclude_modules`` matches → skipped;
+2. inside a ``modules_to_save`` module → skipped;
+3. ``target_modules``: a list entry matches the whole path or a dotted suffix; a string is a
+   regex that must match the whole path; ``"all-linear"`` (any case) means every ``nn.Linear`` /
+   ``Conv1D`` except a transformers model's output head;
+4. ``layers_to_transform`` filters suffix matches by layer index (exact matches bypass it).
+
+``target_parameters`` entries match ``"<module path>.<param>"`` exactly or as a dotted suffix.
+``modules_to_save`` entries match a whole path or a dotted suffix (PEFT's plain ``endswith``
+also matches ``xfc`` for ``fc``, issue #1917; funclora does not copy that).
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+import warnings
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .config import LoraConfig
+from .default_targets import default_targets
+from .errors import TargetNotFoundError, UnsupportedModuleError
+from .rules import ParameterRule, Rule, find_rule, supported_types
+
+__all__ = ["Target", "Plan", "make_plan"]
+
+
+@dataclass(frozen=True)
+class Target:
+    """One adapted module (or parameter) and its resolved rank and scaling."""
+
+    path: str                 # adapter key: module path, or parameter path for target_parameters
+    module_path: str
+    module: nn.Module = field(repr=False, compare=False)
+    rule: Rule = field(compare=False)
+    r: int = 8
+    alpha: float = 8
+    scaling: float = 1.0
+    dropout: float = 0.0
+
+    def __str__(self):
+        kind = type(self.module).__name__
+        return f"{self.path}  {kind}  r={self.r} alpha={self.alpha:g} scaling={self.scaling:.4g}  {self.rule!r}"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a config targets on a model: LoRA targets, saved modules and trained biases.
+
+    Attributes:
+        targets: ``{adapter key: Target}`` in ``named_modules`` order.
+        saved: ``{module path: names of its parameters}`` for ``modules_to_save``.
+        biases: ``{module path: ("bias",)}`` for ``bias="all"`` / ``"lora_only"``.
+        target_modules: the resolved ``target_modules`` (explicit names for "all-linear" / None).
+    """
+
+    targets: dict[str, Target]
+    saved: dict[str, tuple[str, ...]]
+    biases: dict[str, tuple[str, ...]]
+    target_modules: list[str] | str | None = None
+
+    def __str__(self):
+        lines = [f"LoRA plan: {len(self.targets)} targets, {len(self.saved)} saved modules, "
+                 f"{len(self.biases)} trained biases"]
+        lines += [f"  {t}" for t in self.targets.values()]
+        lines += [f"  {p}  saved ({', '.join(names)})" for p, names in self.saved.items()]
+        lines += [f"  {p}.bias  trained bias" for p in self.biases]
+        return "\n".join(lines)
+
+
+def _list_match(key: str, names) -> str | None:
+    """'exact' or 'suffix' if ``key`` equals an entry or ends with '.' + entry, else None."""
+    if key in names:
+        return "exact"
+    if any(key.endswith("." + n) for n in names):
+        return "suffix"
+    return None
+
+
+def _matches(key: str, spec) -> str | None:
+    if isinstance(spec, str):
+        return "exact" if re.fullmatch(spec, key) else None
+    return _list_match(key, spec)
+
+
+def _layer_index(key: str, layers_pattern) -> int | None:
+    if not layers_pattern:
+        m = re.match(r".*?\.[^.]*\.(\d+)\.", key)
+        return int(m.group(1)) if m else None
+    for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
+        m = re.match(rf"(?:.*?\.)?(?:{pattern})\.(\d+)\.", key)
+        if m:
+            return int(m.group(1))
+    return None
+
+
+def _pattern_value(key: str, patterns: dict, default, used: set):
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", key):
+            used.add(pattern)
+            return value
+    return default
+
+
+def _is_pretrained(model) -> bool:
+    return any(c.__name__ == "PreTrainedModel" for c in type(model).__mro__)
+
+
+def _is_linear(module) -> bool:
+    return isinstance(module, nn.Linear) or any(
+        f"{c.__module__}.{c.__qualname__}" == "transformers.pytorch_utils.Conv1D" for c in type(module).__mro__
+    )
+
+
+def _all_linear(model: nn.Module, config: LoraConfig) -> list[str]:
+    names = [n for n, m in model.named_modules() if n and _is_linear(m)]
+    exclude = set()
+    if _is_pretrained(model):
+        head = model.get_output_embeddings()
+        if head is not None:
+            exclude |= {n for n, m in model.named_modules() if m is head}
+        elif config.task_type == "SEQ_CLS":
+            for attr in ("score", "classifier"):
+                if hasattr(model, attr):
+                    exclude.add(attr)
+                    break
+    return [n for n in names if n not in exclude]
+
+
+def _linear_suffixes(model) -> str:
+    suffixes = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and _is_linear(m)})
+    return ", ".join(repr(s) for s in suffixes) or "(none)"
+
+
+def _resolve_target_modules(model: nn.Module, config: LoraConfig):
+    spec = config.target_modules
+    if isinstance(spec, str) and spec.lower() == "all-linear":
+        return _all_linear(model, config)
+    if spec is None and not config.target_parameters:
+        spec = default_targets(model)
+        if spec is None:
+            model_type = getattr(getattr(model, "config", None), "model_type", None)
+            known = f"model_type {model_type!r} has no default targets" if model_type else \
+                f"{type(model).__name__} is not a transformers model with a known model_type"
+            raise TargetNotFoundError(
+                f"LoRA: target_modules is None and {known}. Please specify `target_modules` or "
+                f"`target_parameters`. The model's linear layers end in: {_linear_suffixes(model)}; "
+                "e.g. target_modules=['q_proj', 'v_proj'] for attention projections, or 'all-linear'."
+            )
+    return spec
+
+
+def _not_found(model, config, spec, excluded) -> TargetNotFoundError:
+    names = [n for n, _ in model.named_modules() if n]
+    if spec == []:
+        return TargetNotFoundError(
+            "LoRA: No `target_modules` passed but also no `target_parameters` found. Please check "
+            "the values for these arguments."
+        )
+    if excluded:
+        return TargetNotFoundError(
+            "LoRA: No modules were targeted for adaptation: every module matched by target_modules="
+            f"{spec!r} is excluded by exclude_modules={config.exclude_modules!r} or "
+            f"modules_to_save={config.modules_to_save!r} (excluded: {sorted(excluded)[:8]}). Check "
+            "your `target_modules`, `exclude_modules` and `modules_to_save`."
+        )
+    wanted = [spec] if isinstance(spec, str) else list(spec or [])
+    pool = names + sorted({n.rsplit(".", 1)[-1] for n in names})
+    close = sorted({c for w in wanted for c in difflib.get_close_matches(w, pool, n=4, cutoff=0.5)})
+    note = ""
+    if config.layers_to_transform is not None:
+        note += f" Note: You specified 'layers_to_transform': {config.layers_to_transform}."
+    if config.layers_pattern:
+        note += f" You also specified 'layers_pattern': {config.layers_pattern}."
+    how = ("a regex that must match a whole module path" if isinstance(spec, str)
+           else "entries that match a whole module path or its dotted suffix")
+    return TargetNotFoundError(
+        f"LoRA: Target modules {spec!r} not found in the base model {type(model).__name__} "
+        f"(target_modules is {how}). Closest module names: {close or names[:8]}.{note} Print "
+        "[n for n, _ in model.named_modules()] to see them all."
+    )
+
+
+def make_plan(model: nn.Module, config: LoraConfig) -> Plan:
+    """Resolve ``config`` against ``model`` once: which modules get LoRA, which are saved."""
+    custom = config._custom_modules
+    spec = _resolve_target_modules(model, config)
+    saved_specs = list(config.modules_to_save or [])
+    if config.task_type == "SEQ_CLS":
+        saved_specs += [n for n in ("classifier", "score") if n not in saved_specs]
+    mts_regexes = [re.compile(rf"(^|.*\.){m}($|\..*)") for m in saved_specs]
+    layers = config.layers_to_transform
+    layers = [layers] if isinstance(layers, int) else layers
+    used_rank, used_alpha = set(), set()
+
+    def target(path, module_path, module, rule):
+        r = _pattern_value(path, config.rank_pattern, config.r, used_rank)
+        alpha = _pattern_value(path, config.alpha_pattern, config.lora_alpha, used_alpha)
+        rule.check(module, r, path)
+        scaling = alpha / math.sqrt(r) if config.use_rslora else alpha / r
+        dropout = float(config.lora_dropout) if rule.supports_dropout else 0.0
+        return Target(path, module_path, module, rule, r, alpha, scaling, dropout)
+
+    targets: dict[str, Target] = {}
+    excluded, candidates = set(), set()
+    for key, module in model.named_modules():
+        if not key:
+            continue
+        if any(rx.match(key) for rx in mts_regexes):
+            continue
+        hit = _matches(key, spec) if spec is not None else None
+        if config.exclude_modules is not None and _matches(key, config.exclude_modules):
+            if hit:
+                excluded.add(key)
+            continue
+        if hit == "suffix" and layers is not None:
+            if _layer_index(key, config.layers_pattern) not in layers:
+                continue
+        if not hit:
+            continue
+        candidates.add(key)
+        rule = find_rule(module, custom)
+        if rule is None:
+            raise UnsupportedModuleError(
+                f"LoRA: target {key!r} is a {type(module).__module__}.{type(module).__qualname__} "
+                f"({module!r}), which has no LoRA rule. Supported types: {', '.join(supported_types())}. "
+                f"Register a rule (fl.register_rule({type(module).__name__}, MyRule()) or "
+                f"config.register_custom_module({{{type(module).__name__}: MyRule()}})), adapt its "
+                f"weights directly with target_parameters=['{key}.<param>'], or target only its "
+                "supported submodules."
+            )
+        targets[key] = target(key, key, module, rule)
+
+    matched_params = False
+    for module_path, module in model.named_modules():
+        for pname, _ in module.named_parameters(recurse=False):
+            key = f"{module_path}.{pname}" if module_path else pname
+            if not config.target_parameters or not _list_match(key, config.target_parameters):
+                continue
+            if not module_path:
+                raise UnsupportedModuleError(
+                    f"LoRA: target_parameters matched {key!r} on the top-level module; Targeting an "
+                    "nn.Parameter on the top-level module is not supported. Wrap it in a submodule."
+                )
+            if any(rx.match(module_path) for rx in mts_regexes):
+                continue
+            matched_params = True
+            targets[key] = target(key, module_path, module, ParameterRule(pname))
+
+    if config.target_parameters and not matched_params:
+        if not targets:
+            raise TargetNotFoundError(
+                f"LoRA: target_parameters={config.target_parameters} matched no parameter of "
+                f"{type(model).__name__}; entries match '<module path>.<parameter name>' or its dotted "
+                f"suffix, e.g. {[n for n, _ in model.named_parameters()][:4]}."
+            )
+        warnings.warn(f"target_parameters={config.target_parameters} were set but no parameter was matched.",
+                      RuntimeWarning, stacklevel=3)
+    if not targets:
+        raise _not_found(model, config, spec, excluded)
+    if config.exclude_modules and not excluded and candidates:
+        warnings.warn(
+            f"You have passed exclude_modules={config.exclude_modules} but no modules were excluded. "
+            "Please check that exclude_modules was set correctly.", UserWarning, stacklevel=3)
+    for name, patterns, used in (("rank_pattern", config.rank_pattern, used_rank),
+                                 ("alpha_pattern", config.alpha_pattern, used_alpha)):
+        unused = [k for k in patterns if k not in used]
+        if unused:
+            warnings.warn(f"The following {name} keys did not match any targeted module and were "
+                          f"ignored: {unused}.", RuntimeWarning, stacklevel=3)
+
+    _check_no_overlap(targets)
+    saved = _saved_modules(model, saved_specs, config.modules_to_save or [])
+    biases = _trained_biases(model, config.bias, targets, saved)
+    return Plan(targets, saved, biases, spec)
+
+
+def _check_no_overlap(targets: dict[str, Target]) -> None:
+    owner: dict[str, str] = {}
+    for t in targets.values():
+        for name in t.rule.updated_parameters(t.module):
+            full = f"{t.module_path}.{name}"
+            if full in owner:
+                raise UnsupportedModuleError(
+                    f"LoRA: parameter {full!r} would be adapted twice, by target {owner[full]!r} and by "
+                    f"{t.path!r}. Narrow target_modules / target_parameters so each weight is adapted once."
+                )
+            owner[full] = t.path
+
+
+def _saved_modules(model, specs, explicit) -> dict[str, tuple[str, ...]]:
+    saved: dict[str, tuple[str, ...]] = {}
+    for key, module in model.named_modules():
+        if not key or not _list_match(key, specs):
+            continue
+        if any(key.startswith(p + ".") for p in saved):
+            continue  # inside a module that is already saved whole
+        if isinstance(module, (nn.ModuleDict, nn.ModuleList, nn.ParameterDict, nn.ParameterList)):
+            raise TypeError(f"modules_to_save cannot be applied to modules of type {type(module).__name__} "
+                            f"({key!r}); name the modules inside it instead.")
+        saved[key] = tuple(n for n, _ in module.named_parameters())
+    for spec in explicit:
+        if not any(_list_match(k, [spec]) for k in saved):
+            warnings.warn(f"LoRA: modules_to_save entry {spec!r} matched no module; it is ignored.",
+                          UserWarning, stacklevel=4)
+    return saved
+
+
+def _trained_biases(model, bias: str, targets, saved) -> dict[str, tuple[str, ...]]:
+    if bias == "none":
+        return {}
+    if bias == "lora_only":
+        paths = [t.module_path for t in targets.values() if getattr(t.module, "bias", None) is not None
+                 and isinstance(t.module.bias, nn.Parameter)]
+    else:
+        paths = [name.rsplit(".", 1)[0] if "." in name else "" for name, _ in model.named_parameters()
+                 if name == "bias" or name.endswith(".bias")]
+    out = {}
+    for p in paths:
+        if p and not any(p == s or p.startswith(s + ".") for s in saved):
+            out[p] = ("bias",)
+    return out
