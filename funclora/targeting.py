@@ -209,16 +209,16 @@ def make_plan(model: nn.Module, config: LoraConfig) -> Plan:
         return Target(path, module_path, module, rule, r, alpha, scaling, dropout)
 
     targets: dict[str, Target] = {}
-    excluded, candidates = set(), set()
+    excluded, candidates, used_exclude = set(), set(), False
     for key, module in model.named_modules():
         if not key:
             continue
-        if any(rx.match(key) for rx in mts_regexes):
-            continue
         hit = _matches(key, spec) if spec is not None else None
-        if config.exclude_modules is not None and _matches(key, config.exclude_modules):
+        by_exclude = config.exclude_modules is not None and _matches(key, config.exclude_modules)
+        if by_exclude or any(rx.match(key) for rx in mts_regexes):
             if hit:
                 excluded.add(key)
+                used_exclude |= bool(by_exclude)
             continue
         if hit == "suffix" and layers is not None:
             if _layer_index(key, config.layers_pattern) not in layers:
@@ -265,7 +265,7 @@ def make_plan(model: nn.Module, config: LoraConfig) -> Plan:
                       RuntimeWarning, stacklevel=3)
     if not targets:
         raise _not_found(model, config, spec, excluded)
-    if config.exclude_modules and not excluded and candidates:
+    if config.exclude_modules and not used_exclude and candidates:
         warnings.warn(
             f"You have passed exclude_modules={config.exclude_modules} but no modules were excluded. "
             "Please check that exclude_modules was set correctly.", UserWarning, stacklevel=3)
