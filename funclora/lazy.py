@@ -161,8 +161,10 @@ def _matmul(input, other, *, out=None):
 def _embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0,
                scale_grad_by_freq=False, sparse=False):
     parts = weight._lora
-    out = F.embedding(input, parts.base, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)
-    # PEFT renormalises lora_embedding_A in place when max_norm is set; we never touch A.
+    # With max_norm, F.embedding renormalises rows of its weight in place: give it a copy so the
+    # user's model is not changed. PEFT also renormalises lora_embedding_A in place; we never touch A.
+    base = parts.base if max_norm is None else parts.base.clone()
+    out = F.embedding(input, base, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)
     rows = F.embedding(input, parts.A.transpose(0, 1), padding_idx, None, norm_type, scale_grad_by_freq)
     return out + (parts.scaling * (rows @ parts.B.transpose(0, 1))).to(out.dtype)
 
