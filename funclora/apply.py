@@ -15,6 +15,7 @@ embedding does not leak into a tied output head, as in PEFT.
 from __future__ import annotations
 
 import contextlib
+import re
 
 import optree
 import torch
@@ -85,6 +86,8 @@ class LoRA:
                 {n: tuple(module.get_parameter(n).shape) for n in names})
         for path in self.plan.biases:
             self._specs.setdefault(path, {})["bias"] = tuple(model.get_submodule(path).bias.shape)
+        # recurrent modules: PyTorch cannot vmap them (no batching rule for aten::lstm & co.)
+        self._rnn_paths = [n or "<root>" for n, m in model.named_modules() if isinstance(m, nn.RNNBase)]
         # parameter name -> the name ``named_parameters()`` lists it under (tied weights)
         first: dict[int, str] = {}
         self._alias: dict[str, str] = {}
@@ -192,7 +195,12 @@ class LoRA:
             tensors.update(self._overlay(adapter, tensors if params is not None else None))
             if mode:
                 tensors.update({n: b.clone() for n, b in self.model.named_buffers()})
-            return torch.func.functional_call(self.model, tensors, args, kwargs, tie_weights=False, strict=False)
+            try:
+                return torch.func.functional_call(self.model, tensors, args, kwargs, tie_weights=False, strict=False)
+            except RuntimeError as e:
+                if self._rnn_paths and _NO_RNN_BATCHING.search(str(e)):
+                    raise _rnn_vmap_error(self.model, self._rnn_paths, str(e)) from None
+                raise
 
     def _untie(self, params):
         out = dict(params)
@@ -292,6 +300,22 @@ class LoRA:
 
     def __repr__(self):
         return f"LoRA({type(self.model).__name__}, r={self.config.r})\n{self.plan}"
+
+
+_NO_RNN_BATCHING = re.compile(r"Batching rule not implemented for (aten::\w*(?:lstm|gru|rnn)\w*)")
+
+
+def _rnn_vmap_error(model: nn.Module, paths: list[str], message: str) -> RuntimeError:
+    """PyTorch's 'Batching rule not implemented for aten::lstm' said in funclora's terms."""
+    op = _NO_RNN_BATCHING.search(message).group(1)
+    kinds = sorted({type(model.get_submodule(p) if p != "<root>" else model).__name__ for p in paths})
+    return RuntimeError(
+        f"LoRA: torch.func.vmap cannot run this model: it contains {'/'.join(kinds)} at {paths}, and "
+        f"PyTorch has no batching rule for {op} (nn.LSTM / nn.GRU / nn.RNN cannot be vmapped), so "
+        "they cannot see a stacked adapter or a vmapped input. Run the adapters one at a time "
+        "instead: [lora(fl.select(stacked, i), x) for i in range(n)], or lora.route(stacked, index, x) "
+        "for one adapter per example; to batch many sequences, use the RNN's own batch dimension."
+    )
 
 
 def _factor_dtype(base_dtype: torch.dtype, dtype) -> torch.dtype:

@@ -1,29 +1,78 @@
-"""The dispatch table: module type (MRO lookup) → :class:`Rule`.
+"""Rules: how LoRA attaches to one module type, and the dispatch table that picks them.
 
-A rule says, for one module type:
+A **rule** is a small object that says, for one module type, four things:
 
-* ``factors(module, r)``: which adapter leaves the module gets, their shapes and init role;
-* ``delta(module, factors, scaling)``: the dense update of each parameter it changes;
-* ``overlay(...)`` (optional): what the forward sees instead of those parameters — by default
-  ``W + ΔW``; the built-in Linear / Conv1D / Embedding / Conv rules return a lazy
-  :class:`~funclora.lazy.LoraWeight` that computes the update factored.
+1. **which leaves get factors, their shapes and init** — ``factors(module, r)`` returns
+   ``{leaf name: Factor(shape, role)}``; the adapter of that module is ``{leaf: Tensor}`` with
+   exactly these names and shapes. ``role`` picks PEFT's init (``init_lora_weights=True``):
+   ``"A"`` kaiming-uniform (``"gaussian"``: N(0, 1/r)), ``"B"`` zeros, ``"embedding_A"`` zeros,
+   ``"embedding_B"`` N(0, 1). Give every A/B pair one ``"A"`` and one ``"B"`` and a fresh adapter
+   changes nothing.
+2. **which parameters it changes** — ``updated_parameters(module)``: names relative to the
+   module (default ``("weight",)``; nested names such as ``"out_proj.weight"`` are fine).
+3. **the update** — ``delta(module, factors, scaling)`` returns ``{parameter name: s·ΔW}``, each
+   of that parameter's shape. This is what :meth:`funclora.LoRA.merge` adds to the weights.
+4. **the forward** (optional) — ``overlay(module, params, factors, scaling, *, dropout, path)``
+   returns what the module's forward sees instead of ``params`` (``{name: base tensor}``). The
+   default is ``params[name] + delta[name]``, which is right for any module; override it only to
+   compute the update factored, e.g. by returning
+   ``funclora.lazy.lora_weight(LoraParts(W, A, B, s, "linear"))`` for a weight that the forward
+   consumes with ``F.linear`` (the built-in Linear / Conv1D / Embedding / Conv rules do this).
+   Whatever it returns must agree with ``delta``: :func:`funclora.testing.check_rule` checks it.
 
-Lookup order: rules given to ``config.register_custom_module`` (``isinstance``, insertion
-order), then :func:`register_rule` (MRO), then the built-ins (MRO). So a user rule for
-``nn.Linear`` replaces the built-in one.
+Optional extras: ``check(module, r, path)`` raises :class:`~funclora.UnsupportedModuleError`
+for instances the rule cannot handle (say why, and what to do); ``supports_dropout = True`` if
+your ``overlay`` applies ``dropout`` (otherwise ``lora_dropout`` is ignored for this module);
+``file_key(leaf)`` is the leaf's suffix in PEFT's state-dict file (default: ``lora_A`` →
+``lora_A.weight``, ``x.lora_B`` → ``x.lora_B.weight``, other names unchanged).
 
-Example: a rule that adapts the input-hidden weight of layer 0 of an ``nn.LSTM``::
+A rule holds no tensors and no state: it is called with the module (read only, never change
+it), the rank ``r``, the factors (plain tensors, possibly with extra leading axes under
+``vmap`` — use ``@``, ``reshape`` with ``-1`` or ``...``, and ``transpose(-2, -1)`` rather than
+``.T``) and the scaling ``s`` (``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA).
 
-    class LSTMInputRule(fl.Rule):
-        def factors(self, module, r):
-            out, inp = module.weight_ih_l0.shape
-            return {"lora_A": fl.Factor((r, inp), "A"), "lora_B": fl.Factor((out, r), "B")}
+Example — LoRA on all four gates of every weight matrix of an ``nn.LSTM`` (all layers, both
+directions; ``weight_ih_l{k}`` is ``(4·hidden, in)``, ``weight_hh_l{k}`` ``(4·hidden, hidden)``,
+the gates stacked as rows)::
 
+    import torch, funclora as fl
+    from torch import nn
+
+    class LSTMRule(fl.Rule):
+        # per 2-D weight W (out, in): leaves "<W>.lora_A" (r, in), "<W>.lora_B" (out, r); ΔW = s·B@A
         def updated_parameters(self, module):
-            return ("weight_ih_l0",)
+            return tuple(n for n, p in module.named_parameters() if p.dim() == 2)
+
+        def factors(self, module, r):
+            out = {}
+            for name in self.updated_parameters(module):
+                rows, cols = module.get_parameter(name).shape
+                out[f"{name}.lora_A"] = fl.Factor((r, cols), "A")
+                out[f"{name}.lora_B"] = fl.Factor((rows, r), "B")
+            return out
 
         def delta(self, module, factors, scaling):
-            return {"weight_ih_l0": scaling * factors["lora_B"] @ factors["lora_A"]}
+            return {name: scaling * (factors[f"{name}.lora_B"] @ factors[f"{name}.lora_A"])
+                    for name in self.updated_parameters(module)}
+
+    model = nn.Sequential(nn.LSTM(8, 16, num_layers=2))
+    config = fl.LoraConfig(target_modules=["0"], r=4)
+    config.register_custom_module({nn.LSTM: LSTMRule()})   # or fl.register_rule(nn.LSTM, LSTMRule())
+    lora = fl.LoRA(model, config)
+    lora.shapes()["0"]["weight_ih_l0.lora_A"]               # (4, 8)
+    from funclora.testing import check_rule
+    check_rule(lambda: nn.LSTM(8, 16, num_layers=2), LSTMRule())   # the laws hold (or it says which not)
+
+The adapter is saved under PEFT-style keys (``base_model.model.0.weight_ih_l0.lora_A.weight``),
+so a folder written with this rule loads again once the rule is registered again.
+
+No rule is needed for a single weight: ``target_parameters=["lstm.weight_ih_l0"]`` adapts any
+≥2-D parameter with the generic :class:`ParameterRule`.
+
+**Lookup order** (first hit wins): rules given to ``config.register_custom_module`` (checked
+with ``isinstance``, in insertion order), then :func:`register_rule` (by MRO), then the built-ins
+(by MRO). So a user rule for ``nn.Linear`` replaces the built-in one. Built in: ``nn.Linear``,
+``nn.Embedding``, ``nn.Conv1d/2d/3d``, ``nn.MultiheadAttention``, transformers ``Conv1D``.
 """
 
 from __future__ import annotations
@@ -54,19 +103,26 @@ class Factor:
 
 
 class Rule:
-    """How LoRA attaches to one module type. Override ``factors`` and ``delta``.
+    """How LoRA attaches to one module type. Override ``factors`` and ``delta`` (and
+    ``updated_parameters`` unless the rule changes ``weight``); the module docstring of
+    :mod:`funclora.rules` is the guide, with a complete LSTM example.
 
-    ``updated_parameters`` defaults to ``("weight",)``; override ``overlay`` to compute the
-    forward without forming ``ΔW`` (see :mod:`funclora.lazy`).
+    Check a new rule with :func:`funclora.testing.check_rule` before training with it.
     """
 
-    #: whether ``lora_dropout`` is applied by this rule's forward
+    #: whether ``overlay`` applies ``lora_dropout`` (if False, dropout is ignored for the module)
     supports_dropout = False
 
     def factors(self, module: nn.Module, r: int) -> dict[str, Factor]:
+        """``{leaf name: Factor(shape, role)}``: the adapter leaves of ``module`` at rank ``r``."""
         raise NotImplementedError(f"{type(self).__name__}.factors(module, r) is not implemented")
 
     def delta(self, module: nn.Module, factors: dict, scaling: float) -> dict[str, torch.Tensor]:
+        """``{parameter name: s·ΔW}`` (each of that parameter's shape) from ``factors`` ``{leaf: Tensor}``.
+
+        Raise ``NotImplementedError`` (saying why) if the update has no dense form; then
+        ``merge`` refuses this module and the forward must come from ``overlay``.
+        """
         raise NotImplementedError(f"{type(self).__name__}.delta(module, factors, scaling) is not implemented")
 
     def updated_parameters(self, module: nn.Module) -> tuple[str, ...]:
@@ -161,6 +217,17 @@ class ConvRule(_FactoredRule):
                 "do not target this layer."
             )
 
+    def delta(self, module, factors, scaling):
+        if module.groups != 1:
+            raise NotImplementedError(
+                f"the {type(module).__name__} has groups={module.groups}: its LoRA update (lora_A a full "
+                "conv over all input channels, lora_B grouped, PEFT's layout) mixes channels across "
+                "groups, so it is not a grouped kernel and cannot be merged into the weight. The "
+                "forward is exact; keep the adapter unmerged, or do not target this layer "
+                "(exclude_modules)."
+            )
+        return super().delta(module, factors, scaling)
+
     def factors(self, module, r):
         ones = (1,) * len(module.kernel_size)
         return {"lora_A": Factor((r, module.in_channels, *module.kernel_size), "A"),
@@ -208,7 +275,21 @@ class ParameterRule(Rule):
       ``lora_B (d1, r·E)``; expert ``e`` uses rows ``e·r … e·r+r-1`` of A and columns
       ``e, e+E, e+2E, …`` of B; ``ΔW[e] = s·B_e@A_e``. If the module has ``is_transposed=True``,
       A is ``(r·E, d1)``, B ``(d2, r·E)`` and ``ΔW[e] = s·(B_e@A_e)ᵀ``.
-    * ≥4-D ``(out, *rest)``: as 2-D on ``(out, prod(rest))``.
+    * ≥4-D ``(out, *rest)``: as 2-D on ``(out, prod(rest))`` (a funclora extension: PEFT
+      takes 2-D and 3-D parameters only, so PEFT cannot load such an adapter).
+
+    Covers every weight of ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` (``weight_ih_l1_reverse``,
+    ``weight_hr_l0`` with ``proj_size``, ...), ``nn.MultiheadAttention.in_proj_weight`` and raw
+    ``nn.Parameter`` s. The forward sees ``W + ΔW``.
+
+    Example:
+        >>> import torch, funclora as fl
+        >>> model = torch.nn.Sequential(torch.nn.LSTM(4, 6))
+        >>> lora = fl.LoRA(model, fl.LoraConfig(target_parameters=["0.weight_hh_l0"], r=2))
+        >>> lora.plan.targets["0.weight_hh_l0"].rule
+        ParameterRule('weight_hh_l0')
+        >>> lora.shapes()["0.weight_hh_l0"]
+        {'lora_A': (2, 6), 'lora_B': (24, 2)}
     """
 
     def __init__(self, name: str):
