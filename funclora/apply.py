@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .config import LoraConfig
+from .distributed import fsdp_units, sharded_forward
 from .errors import AdapterMismatchError
 from .rules import Factor, init_factor
 from .targeting import Plan, make_plan
@@ -189,6 +190,9 @@ class LoRA:
                 "DisableTorchFunction), so the LoRA weights would silently act as the plain base "
                 "weights. Call the LoRA forward outside that context.")
         self.check(adapter)
+        units = fsdp_units(self.model)
+        if units:  # FSDP2-sharded base: the overlay goes onto each unit's all-gathered weights
+            return sharded_forward(self, params, adapter, args, kwargs, training, units)
         with _training_mode(self.model, training):
             mode = self.model.training
             tensors = {} if params is None else self._untie(params)
