@@ -12,6 +12,7 @@ from .lazy import MaterializationError, strict
 from .ops import select, stack, unstack
 from .peft_compat import PeftModel, get_peft_model
 from .rules import Factor, ParameterRule, Rule, register_rule, unregister_rule
+from .suggest import LayerGroup, TargetSuggestion, suggest_targets
 from .targeting import Plan, Target
 
 __version__ = "0.1.0"
@@ -19,6 +20,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdapterMismatchError",
     "Factor",
+    "LayerGroup",
     "LoRA",
     "LoraConfig",
     "MaterializationError",
@@ -28,6 +30,7 @@ __all__ = [
     "Rule",
     "Target",
     "TargetNotFoundError",
+    "TargetSuggestion",
     "UnsupportedModuleError",
     "get_peft_model",
     "register_rule",
@@ -35,6 +38,7 @@ __all__ = [
     "select",
     "stack",
     "strict",
+    "suggest_targets",
     "unregister_rule",
     "unstack",
 ]

@@ -8,8 +8,27 @@ The forward is::
 The model is never changed: ``functional_call`` swaps the overlay in for the duration of the
 call and restores the originals afterwards (also on exceptions). In training mode the model's
 buffers are passed as copies, so e.g. BatchNorm running statistics of the user's model stay as
-they were. Weight tying is not followed (``tie_weights=False``): an adapter on an input
-embedding does not leak into a tied output head, as in PEFT.
+they were.
+
+Tied weights (a language model's input embedding and ``lm_head`` sharing one Parameter) are
+treated as PEFT treats them: the base weight is shared, the adapter is not.
+
+- The forward runs ``functional_call(..., tie_weights=False)``: a LoRA (or a modules_to_save
+  copy) on ``embed_tokens`` / ``wte`` changes only the embedding lookup, never the tied head,
+  and a LoRA on ``lm_head`` never reaches the embedding.
+- An explicit params dict (``lora.apply(params, ...)``) may name a tied weight once, as
+  ``named_parameters()`` does; every twin then reads that value.
+- ``merge`` spells out every name of a tied group the adapter touches: the adapted name gets
+  ``W + s·ΔW``, its twins keep ``W``. Run the result with ``functional_call(model, merged, x,
+  tie_weights=False)``; torch's default ``tie_weights=True`` raises "functional_call got
+  multiple values for keys [...], which are tied" instead of silently carrying ``ΔW`` into the
+  twin. (PEFT's ``merge_adapter`` writes ``ΔW`` into the shared Parameter, so its tied head
+  changes too and its merged model differs from its unmerged one — PEFT warns about this,
+  issue #2777. funclora's merged forward equals its unmerged one.)
+- ``unmerge`` returns the tied form again: one entry per tied group, under the name
+  ``named_parameters()`` uses.
+- ``LoraConfig(ensure_weight_tying=True)`` (PEFT also adapts the twin with the embedding's
+  factors) is not implemented: it raises when the adapter touches a tied weight.
 """
 
 from __future__ import annotations
@@ -94,6 +113,12 @@ class LoRA:
         self._alias: dict[str, str] = {}
         for name, p in model.named_parameters(remove_duplicate=False):
             self._alias[name] = first.setdefault(id(p), name)
+        if config.ensure_weight_tying and self._tied_groups(self._written()):
+            raise NotImplementedError(
+                "LoRA: ensure_weight_tying=True is not implemented: the adapter touches the tied "
+                f"weights {sorted(self._tied_groups(self._written()))} and funclora would not adapt their "
+                "twins. Set ensure_weight_tying=False (PEFT's default): the adapter then stays on the "
+                "module it targets, the tied twin keeps the base weight.")
 
     # --- what is targeted ---------------------------------------------------------------------
     @property
@@ -258,21 +283,48 @@ class LoRA:
         """
         base = dict(self.model.named_parameters()) if params is None else dict(params)
         merged = dict(base)
-        for name, d in self.delta(adapter).items():
+        deltas, replaced = self.delta(adapter), self._replaced(adapter)
+        for canonical, names in self._tied_groups(list(deltas) + list(replaced)).items():
+            for name in names:  # spell out the twins: they keep W (see the module docstring)
+                merged.setdefault(name, self._base(name, base))
+        for name, d in deltas.items():
             w = self._base(name, base)
             merged[name] = w + d.to(w.dtype)
-        merged.update(self._replaced(adapter))
+        merged.update(replaced)
         return merged
 
     def unmerge(self, merged: dict[str, torch.Tensor], adapter: Adapter) -> dict[str, torch.Tensor]:
         """Undo :meth:`merge`: ``W = merged − s·ΔW``; saved modules and biases from the model."""
         params = dict(merged)
-        for name, d in self.delta(adapter).items():
-            w = merged[name]
+        deltas, replaced = self.delta(adapter), self._replaced(adapter)
+        for name, d in deltas.items():
+            w = self._base(name, merged)
             params[name] = w - d.to(w.dtype)
-        for name in self._replaced(adapter):
+        for name in replaced:
             params[name] = self.model.get_parameter(name)
+        for canonical, names in self._tied_groups(list(deltas) + list(replaced)).items():
+            # back to the tied form: one entry, under named_parameters()' name
+            present = [n for n in names if n in params]
+            value = params[canonical] if canonical in params else params[present[0]]
+            for name in names:
+                params.pop(name, None)
+            params[canonical] = value
         return params
+
+    def _written(self) -> list[str]:
+        """Names of every parameter the adapter changes (LoRA targets, saved modules, biases)."""
+        names = [f"{t.module_path}.{n}" for path, t in self.plan.targets.items() for n in self._updated[path]]
+        names += [f"{path}.{n}" for path, ns in self.plan.saved.items() for n in ns]
+        return names + [f"{path}.bias" for path in self.plan.biases]
+
+    def _tied_groups(self, names) -> dict[str, list[str]]:
+        """``{canonical name: all names of its tied group}`` for the tied groups among ``names``."""
+        wanted = {self._alias.get(n, n) for n in names}
+        groups: dict[str, list[str]] = {}
+        for name, canonical in self._alias.items():
+            if canonical in wanted:
+                groups.setdefault(canonical, []).append(name)
+        return {c: g for c, g in groups.items() if len(g) > 1}
 
     def _replaced(self, adapter: Adapter) -> dict[str, torch.Tensor]:
         out = {f"{path}.{n}": adapter[path][n] for path, names in self.plan.saved.items() for n in names}

@@ -128,8 +128,18 @@ class PeftModel(nn.Module):
         """A new model (a deep copy) with the adapter merged in; the user's model is untouched."""
         merged = self.lora.merge(self.adapter)
         new = copy.deepcopy(self._model)
+        # tied groups that merge spelled out (an adapted embedding / lm_head) are untied in the
+        # copy, so the merged model equals the adapter's forward (see funclora.apply)
+        untie = {n for group in self.lora._tied_groups(merged).values()
+                 if sum(n in merged for n in group) > 1 for n in group}
         for name, value in merged.items():
-            new.get_parameter(name).copy_(value)
+            if name in untie:
+                path, _, leaf = name.rpartition(".")
+                owner = new.get_submodule(path)
+                old = getattr(owner, leaf)
+                setattr(owner, leaf, nn.Parameter(value.detach().clone(), requires_grad=old.requires_grad))
+            else:
+                new.get_parameter(name).copy_(value)
         return new
 
     def save_pretrained(self, path: str | os.PathLike, **kwargs) -> None:

@@ -134,11 +134,6 @@ def _all_linear(model: nn.Module, config: LoraConfig) -> list[str]:
     return [n for n in names if n not in exclude]
 
 
-def _linear_suffixes(model) -> str:
-    suffixes = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and _is_linear(m)})
-    return ", ".join(repr(s) for s in suffixes) or "(none)"
-
-
 def _resolve_target_modules(model: nn.Module, config: LoraConfig):
     spec = config.target_modules
     if isinstance(spec, str) and spec.lower() == "all-linear":
@@ -149,10 +144,18 @@ def _resolve_target_modules(model: nn.Module, config: LoraConfig):
             model_type = getattr(getattr(model, "config", None), "model_type", None)
             known = f"model_type {model_type!r} has no default targets" if model_type else \
                 f"{type(model).__name__} is not a transformers model with a known model_type"
+            from .suggest import suggest_targets  # lazy: suggest builds on this module
+
+            hint = suggest_targets(model)
+            fix = (f"e.g. target_modules={hint.target_modules!r}, or 'all-linear', or entries from "
+                   "fl.suggest_targets(model)" if hint.target_modules is not None else
+                   "the model has no nn.Linear / Conv1D layer: name other modules in target_modules, or "
+                   "adapt raw parameters with target_parameters")
+            table = (" The model's linear layers by role, each with the target_modules entry that "
+                     f"matches exactly them:\n{hint}") if hint.groups else ""
             raise TargetNotFoundError(
                 f"LoRA: target_modules is None and {known}. Please specify `target_modules` or "
-                f"`target_parameters`. The model's linear layers end in: {_linear_suffixes(model)}; "
-                "e.g. target_modules=['q_proj', 'v_proj'] for attention projections, or 'all-linear'."
+                f"`target_parameters`: {fix}.{table}"
             )
     return spec
 
