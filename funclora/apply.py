@@ -262,6 +262,19 @@ class LoRA:
             out[f"{path}.bias"] = adapter[path]["bias"]
         return out
 
+    # --- many adapters (funclora/route.py, funclora/combine.py) --------------------------------
+    def route(self, stacked: Adapter, index, *args, **kwargs):
+        """Example ``i`` of the batch uses adapter ``index[i]`` of ``stacked`` (see :mod:`funclora.route`)."""
+        from .route import route
+
+        return route(self, stacked, index, args, kwargs)
+
+    def combine(self, adapters, weights, method: str = "svd", rank: int | None = None):
+        """Mix adapters into one: ``(adapter, config)`` (see :mod:`funclora.combine`)."""
+        from .combine import combine
+
+        return combine(self, adapters, weights, method=method, rank=rank)
+
     # --- merge --------------------------------------------------------------------------------
     def delta(self, adapter: Adapter) -> dict[str, torch.Tensor]:
         """``{param name: s·ΔW}`` for each adapted weight, keyed like :meth:`merge`'s params."""

@@ -1,0 +1,443 @@
+"""Per-example routing: example ``i`` of a batch uses adapter ``index[i]`` of a stacked adapter.
+
+This is multi-tenant serving (PEFT's ``model(x, adapter_names=[...])``) as one forward pass:
+
+* **Linear, transformers Conv1D, Embedding and Conv1d/2d/3d targets** get a *routed weight*: a
+  tensor that is ``W`` and carries the stacked factors ``A (N, r, ...)``, ``B (N, out, r, ...)``.
+  The base op runs once on the whole batch; the LoRA branch gathers each example's factors
+  (``A[index]``, ``B[index]``) and runs one batched matmul (``bmm``); an Embedding looks its rows
+  up in ``A[index[i]]`` directly; a conv runs as one grouped conv with a group per example.
+  No Python loop over adapters.
+* **modules_to_save and trained biases** (``bias="all"`` / ``"lora_only"``) differ per adapter
+  too: such a module is run once per *distinct* adapter on that adapter's rows (as PEFT does),
+  the rest of the model still runs once.
+* **Anything else** (nn.MultiheadAttention, ``target_parameters``, user rules, a per-adapter
+  module that is not batch-first or whose parameters its parent uses directly): the whole model
+  runs once per distinct adapter on that adapter's rows. Same result, PEFT-like cost.
+
+Batch contract: example ``i`` is row ``i`` (dim 0) of every tensor argument whose dim 0 has
+``len(index)`` entries (other arguments are shared by all examples), and of the outputs.
+
+``route`` is an inference feature (PEFT refuses ``adapter_names`` in training mode): it always
+runs the model in eval mode (no dropout, BatchNorm running statistics), whatever the model's
+flags say, and leaves them as they were. Gradients still flow to the stacked adapter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import torch.utils._pytree as pytree
+from torch import nn
+
+from .errors import AdapterMismatchError
+from .lazy import _METADATA, _STRICT, MaterializationError
+from .ops import select
+from .rules import _FactoredRule
+
+__all__ = ["route", "RoutedWeight"]
+
+# The index of the rows being computed right now: the whole batch, or one distinct adapter's rows
+# inside a module that runs once per adapter.
+_INDEX: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("funclora_route_index", default=None)
+_LAYOUTS = ("linear", "conv1d_t", "embedding", "conv")
+
+
+class _NotRoutable(Exception):
+    """Internal: this call cannot be routed layer by layer; route falls back to one pass per adapter."""
+
+
+# --- the routed weight ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RoutedParts:
+    """What a :class:`RoutedWeight` carries besides ``W``.
+
+    Attributes:
+        base: the plain base weight ``W``.
+        A: stacked ``lora_A`` ``(N, r, in, *kernel)`` or ``lora_embedding_A`` ``(N, r, num)``.
+        B: stacked ``lora_B`` ``(N, out, r // groups, *1)`` or ``lora_embedding_B`` ``(N, dim, r)``.
+        scaling: ``s``; layout: as :class:`funclora.lazy.LoraParts`; path: for messages.
+    """
+
+    base: torch.Tensor
+    A: torch.Tensor
+    B: torch.Tensor
+    scaling: float
+    layout: str
+    path: str
+    groups: int = 1
+
+
+def _rows(x: torch.Tensor, parts: RoutedParts, *, divisible: bool = False) -> torch.Tensor:
+    """The routing index for input ``x`` (batch on dim 0), or :class:`_NotRoutable`."""
+    idx = _INDEX.get()
+    n = idx.shape[0]
+    rows = x.shape[0] if x.dim() >= 2 else -1
+    if rows == n or (divisible and rows > 0 and rows % n == 0):
+        return idx
+    raise _NotRoutable(f"the input of {parts.path!r} has shape {tuple(x.shape)}, not {n} examples on dim 0")
+
+
+def _branch(x3: torch.Tensor, A: torch.Tensor, B: torch.Tensor, idx: torch.Tensor, s: float) -> torch.Tensor:
+    """``s·(x_b @ A[idx[b]]ᵀ) @ B[idx[b]]ᵀ`` for ``x3 (n, M, in)``, ``A (N, r, in)``, ``B (N, out, r)``."""
+    h = torch.bmm(x3.to(A.dtype), A.index_select(0, idx).transpose(1, 2))       # (n, M, r)
+    return s * torch.bmm(h, B.index_select(0, idx).transpose(1, 2))              # (n, M, out)
+
+
+def _linear(input, weight, bias=None):
+    parts = weight._route
+    idx = _rows(input, parts)
+    out = F.linear(input, parts.base, bias)
+    y = _branch(input.reshape(idx.shape[0], -1, input.shape[-1]), parts.A, parts.B, idx, parts.scaling)
+    return out + y.reshape(out.shape).to(out.dtype)
+
+
+def _addmm(input, mat1, mat2, *, beta=1, alpha=1, out=None):
+    parts = mat2._route
+    if out is not None:
+        raise _NotRoutable("torch.addmm(out=...)")
+    idx = _rows(mat1, parts, divisible=True)           # Conv1D flattens (n, T, in) to (n·T, in)
+    res = torch.addmm(input, mat1, parts.base, beta=beta, alpha=alpha)
+    y = _branch(mat1.reshape(idx.shape[0], -1, mat1.shape[-1]), parts.A, parts.B, idx, parts.scaling)
+    y = y.reshape(res.shape).to(res.dtype)
+    return res + (y if alpha == 1 else alpha * y)
+
+
+def _matmul(input, other, *, out=None):
+    parts = other._route
+    if out is not None:
+        raise _NotRoutable("torch.matmul(out=...)")
+    idx = _rows(input, parts)
+    res = torch.matmul(input, parts.base)
+    y = _branch(input.reshape(idx.shape[0], -1, input.shape[-1]), parts.A, parts.B, idx, parts.scaling)
+    return res + y.reshape(res.shape).to(res.dtype)
+
+
+def _embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0,
+               scale_grad_by_freq=False, sparse=False):
+    parts = weight._route
+    if input.dim() < 1 or input.shape[0] != _INDEX.get().shape[0]:
+        raise _NotRoutable(f"the ids of {parts.path!r} have shape {tuple(input.shape)}")
+    idx = _INDEX.get()
+    out = F.embedding(input, parts.base, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)
+    n, A = idx.shape[0], parts.A                                      # A (N, r, num)
+    lead = idx.reshape(n, *([1] * (input.dim() - 1)))
+    rows = A[lead, :, input]                                          # (n, *ids, r): A[idx[b], :, ids[b, ...]]
+    if padding_idx is not None and rows.requires_grad:                # no gradient into the padding column
+        pad = padding_idx if padding_idx >= 0 else padding_idx + A.shape[-1]
+        rows = torch.where((input == pad).unsqueeze(-1), rows.detach(), rows)
+    y = torch.bmm(rows.reshape(n, -1, A.shape[1]), parts.B.index_select(0, idx).transpose(1, 2))
+    return out + (parts.scaling * y).reshape(out.shape).to(out.dtype)
+
+
+def _make_conv(conv):
+    def _conv(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+        parts = weight._route
+        idx = _rows(input, parts)
+        out = conv(input, parts.base, bias, stride, padding, dilation, groups)
+        n, A, B = idx.shape[0], parts.A, parts.B
+        # one grouped conv for the whole batch: example b is group b of A and groups b·g … of B
+        x = input.to(A.dtype).reshape(1, n * input.shape[1], *input.shape[2:])
+        Ag = A.index_select(0, idx).reshape(n * A.shape[1], *A.shape[2:])
+        Bg = B.index_select(0, idx).reshape(n * B.shape[1], *B.shape[2:])
+        h = conv(x, Ag, None, stride, padding, dilation, n)
+        h = conv(h, Bg, None, 1, 0, 1, n * groups)
+        return out + (parts.scaling * h).reshape(out.shape).to(out.dtype)
+
+    return _conv
+
+
+_ROUTED = {
+    F.linear: ("weight", 1, _linear, ("linear",)),
+    torch.addmm: ("mat2", 2, _addmm, ("conv1d_t",)),
+    torch.Tensor.addmm: ("mat2", 2, _addmm, ("conv1d_t",)),
+    torch.matmul: ("other", 1, _matmul, ("conv1d_t",)),
+    torch.Tensor.matmul: ("other", 1, _matmul, ("conv1d_t",)),
+    torch.Tensor.__matmul__: ("other", 1, _matmul, ("conv1d_t",)),
+    F.embedding: ("weight", 1, _embedding, ("embedding",)),
+    F.conv1d: ("weight", 1, _make_conv(F.conv1d), ("conv",)),
+    F.conv2d: ("weight", 1, _make_conv(F.conv2d), ("conv",)),
+    F.conv3d: ("weight", 1, _make_conv(F.conv3d), ("conv",)),
+}
+
+
+class RoutedWeight(torch.Tensor):
+    """A base weight ``W`` carrying stacked factors; each example uses its own adapter's.
+
+    Built by :func:`route` inside the forward; any op other than those in the module docstring
+    makes :func:`route` fall back to one pass per distinct adapter.
+    """
+
+    _route: RoutedParts
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        with torch._C.DisableTorchFunctionSubclass():
+            if func in _METADATA:
+                return func(*(a._route.base if isinstance(a, RoutedWeight) else a for a in args), **kwargs)
+            entry = _ROUTED.get(func)
+            if entry is not None:
+                name, pos, impl, layouts = entry
+                weight = kwargs.get(name, args[pos] if len(args) > pos else None)
+                if isinstance(weight, RoutedWeight) and weight._route.layout in layouts and not any(
+                    isinstance(a, RoutedWeight) for i, a in enumerate(args) if i != pos
+                ):
+                    return impl(*args, **kwargs)
+            paths = [a._route.path for a in args if isinstance(a, RoutedWeight)]
+            raise _NotRoutable(f"{getattr(func, '__name__', func)} on the weight of {paths or 'a target'}")
+
+
+def _routed_weight(parts: RoutedParts) -> RoutedWeight:
+    weight = parts.base.as_subclass(RoutedWeight)
+    weight._route = parts
+    return weight
+
+
+# --- arguments and outputs split by rows ---------------------------------------------------------
+def _split(tree, rows: torch.Tensor, n: int):
+    """``tree`` with every tensor whose dim 0 has ``n`` entries restricted to ``rows``."""
+    return pytree.tree_map(
+        lambda t: t.index_select(0, rows) if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == n else t, tree)
+
+
+def _has_batch(tree, n: int) -> bool:
+    return any(isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == n for t in pytree.tree_leaves(tree))
+
+
+def _assemble(outs: list, groups: list[torch.Tensor], n: int, where: str):
+    """Re-assemble per-group outputs (rows ``groups[j]``) into one batch of ``n`` examples."""
+    flat = [pytree.tree_flatten(o) for o in outs]
+    spec = flat[0][1]
+    if any(s != spec for _, s in flat[1:]):
+        raise _NotRoutable(f"{where} returns differently structured outputs for different adapters")
+    inverse = torch.argsort(torch.cat(groups))
+    leaves = []
+    for pos, first in enumerate(flat[0][0]):
+        column = [leaves_j[pos] for leaves_j, _ in flat]
+        if isinstance(first, torch.Tensor):
+            if not all(isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == g.shape[0]
+                       for t, g in zip(column, groups)):
+                raise _NotRoutable(f"an output of {where} has no batch dimension to re-assemble")
+            leaves.append(torch.cat(column).index_select(0, inverse.to(first.device)))
+        elif all(c is first or c == first for c in column):
+            leaves.append(first)
+        else:
+            raise _NotRoutable(f"{where} returns a per-adapter value that is not a batched tensor "
+                               f"({type(first).__name__}); e.g. pass use_cache=False")
+    return pytree.tree_unflatten(leaves, spec)
+
+
+def _groups(idx: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    """``[(adapter, rows using it)]`` for the distinct adapters in ``idx``, in ascending order."""
+    values = torch.unique(idx)
+    return [(int(u), torch.nonzero(idx == u).squeeze(1)) for u in values.tolist()]
+
+
+# --- modules run once per distinct adapter -------------------------------------------------------
+@contextlib.contextmanager
+def _per_adapter_forwards(model: nn.Module, params_of: dict, called: set):
+    """Replace ``forward`` of each module in ``params_of`` (path → fn(u) → params) for the call.
+
+    The replacement runs the module's own forward once per distinct adapter on its rows, with
+    that adapter's parameters swapped in. The original ``forward`` is restored on exit.
+    """
+    missing = object()
+    saved = []
+    try:
+        for path, params_fn in params_of.items():
+            module = model.get_submodule(path)
+            before = module.__dict__.get("forward", missing)
+            module.forward = _grouped_forward(module, module.forward, params_fn, path, called)
+            saved.append((module, before))
+        yield
+    finally:
+        for module, before in reversed(saved):
+            if before is missing:
+                del module.forward
+            else:
+                module.forward = before
+
+
+def _grouped_forward(module, forward, params_fn, path, called):
+    def routed(*args, **kwargs):
+        called.add(path)
+        idx = _INDEX.get()
+        n = idx.shape[0]
+        if not _has_batch((args, kwargs), n):
+            raise _NotRoutable(f"the module {path!r} got no input with {n} examples on dim 0")
+        groups = _groups(idx)
+        outs = []
+        for u, rows in groups:
+            sub_args, sub_kwargs = (args, kwargs) if len(groups) == 1 else _split((args, kwargs), rows, n)
+            token = _INDEX.set(idx.index_select(0, rows))
+            try:
+                with torch.nn.utils.stateless._reparametrize_module(module, params_fn(u)):
+                    outs.append(forward(*sub_args, **sub_kwargs))
+            finally:
+                _INDEX.reset(token)
+        return outs[0] if len(groups) == 1 else _assemble(outs, [g for _, g in groups], n, repr(path))
+
+    return routed
+
+
+# --- route ---------------------------------------------------------------------------------------
+def _stack_size(lora, stacked) -> int:
+    if not isinstance(stacked, dict):
+        raise AdapterMismatchError(f"LoRA.route: `stacked` must be a stacked adapter (fl.stack([...])), "
+                                   f"got {type(stacked).__name__}.")
+    sizes = {t.shape[0] if t.dim() else None for leaves in stacked.values() if isinstance(leaves, dict)
+             for t in leaves.values() if isinstance(t, torch.Tensor)}
+    if len(sizes) != 1 or None in sizes:
+        raise AdapterMismatchError(
+            f"LoRA.route: every leaf of `stacked` must have the same leading axis N (the adapters); "
+            f"found leading sizes {sorted(s for s in sizes if s is not None)}. Build it with fl.stack([a1, a2, ...]).")
+    try:
+        lora.check(stacked, batched=1)
+    except AdapterMismatchError as e:
+        raise AdapterMismatchError(f"LoRA.route: `stacked` is not a stack of adapters of this LoRA: {e}") from None
+    return sizes.pop()
+
+
+def _as_index(index, n: int, device) -> torch.Tensor:
+    if isinstance(index, torch.Tensor):
+        t = index
+    else:
+        try:
+            values = list(index)
+        except TypeError:
+            raise TypeError(f"LoRA.route: `index` must be a list of ints or a 1-D integer tensor, "
+                            f"got {type(index).__name__}.") from None
+        bad = [v for v in values if not isinstance(v, int) or isinstance(v, bool)]
+        if bad:
+            raise TypeError(f"LoRA.route: `index` entries must be ints (adapter numbers), got {bad[0]!r}.")
+        t = torch.tensor(values, dtype=torch.long)
+    if t.dtype in (torch.bool,) or t.is_floating_point() or t.is_complex():
+        raise TypeError(f"LoRA.route: `index` must hold integers (adapter numbers), got dtype {t.dtype}.")
+    if t.dim() != 1:
+        raise ValueError(f"LoRA.route: `index` must be 1-D (one adapter number per example), got shape "
+                         f"{tuple(t.shape)}.")
+    if t.numel() == 0:
+        raise ValueError("LoRA.route: `index` is empty; give one adapter number per example.")
+    lo, hi = int(t.min()), int(t.max())
+    if lo < 0 or hi >= n:
+        value = lo if lo < 0 else hi
+        where = int(torch.nonzero(t == value)[0])
+        raise IndexError(f"LoRA.route: index[{where}] = {value} is out of range for a stack of N = {n} "
+                         f"adapters; valid adapter numbers are 0 … {n - 1}.")
+    return t.to(device=device, dtype=torch.long)
+
+
+def _routable(target) -> bool:
+    rule = type(target.rule)
+    return (issubclass(rule, _FactoredRule) and rule.overlay is _FactoredRule.overlay
+            and rule._parts is _FactoredRule._parts and rule.layout in _LAYOUTS)
+
+
+def route(lora, stacked: dict, index, args: tuple, kwargs: dict):
+    """Run ``lora.model(*args, **kwargs)`` where example ``i`` uses adapter ``index[i]``.
+
+    Args:
+        lora: a :class:`~funclora.LoRA`.
+        stacked: ``fl.stack([a_0, …, a_{N-1}])``: every leaf has a leading axis ``N``.
+        index: ``B`` adapter numbers in ``[0, N)``: a list of ints or a 1-D integer tensor.
+            Repeats and unused adapters are fine.
+        args, kwargs: the model's inputs, batch (``B`` examples) on dim 0.
+
+    Returns:
+        The model's output; row ``i`` equals ``lora(fl.select(stacked, index[i]), x[i:i+1])``.
+
+    Raises:
+        IndexError: an index value is ``< 0`` or ``≥ N``.
+        ValueError / TypeError: ``index`` is not 1-D integers, or no input has ``B`` rows.
+        AdapterMismatchError: ``stacked`` is not a stack of this LoRA's adapters.
+    """
+    from .apply import _training_mode
+
+    if not torch._C._is_torch_function_enabled():
+        raise RuntimeError("LoRA.route: torch function handling is disabled here (DisableTorchFunctionSubclass), "
+                           "so the LoRA weights would silently act as the base weights. Call it outside that context.")
+    n_adapters = _stack_size(lora, stacked)
+    device = next(t for leaves in stacked.values() for t in leaves.values()).device
+    idx = _as_index(index, n_adapters, device)
+    n = idx.shape[0]
+    if not _has_batch((args, kwargs), n):
+        shapes = [tuple(t.shape) for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        raise ValueError(f"LoRA.route: `index` has {n} entries but no input has {n} examples on dim 0 "
+                         f"(input shapes: {shapes}); give one adapter number per example.")
+
+    plan, model = lora.plan, lora.model
+    layered = all(_routable(t) for t in plan.targets.values())
+    per_adapter = [*plan.saved, *plan.biases]           # modules run once per distinct adapter
+    if any(getattr(model.get_submodule(p), "batch_first", True) is False for p in per_adapter):
+        layered = False
+    token = _INDEX.set(idx)
+    try:
+        with _training_mode(model, False):
+            if layered:
+                try:
+                    return _route_layers(lora, stacked, idx, args, kwargs)
+                except _NotRoutable as e:
+                    reason = str(e)
+            else:
+                reason = "a target or per-adapter module is not routed layer by layer"
+            if _STRICT.get():
+                raise MaterializationError(
+                    f"funclora.strict: LoRA.route would fall back to one forward pass per distinct adapter: "
+                    f"{reason}. Leave strict mode to allow it.")
+            return _route_per_adapter(lora, stacked, idx, args, kwargs)
+    finally:
+        _INDEX.reset(token)
+
+
+def _route_layers(lora, stacked, idx, args, kwargs):
+    plan, model = lora.plan, lora.model
+    overlay, params_of = {}, {}
+    for path, t in plan.targets.items():
+        if t.module_path in plan.biases:
+            continue                                    # runs per adapter below, with its bias
+        a, b = t.rule.names
+        parts = RoutedParts(t.module.weight, stacked[path][a], stacked[path][b], t.scaling,
+                            t.rule.layout, path, getattr(t.module, "groups", 1))
+        overlay[f"{t.module_path}.weight"] = _routed_weight(parts)
+    for path, names in plan.saved.items():
+        params_of[path] = (lambda u, path=path, names=names: {n: stacked[path][n][u] for n in names})
+    for path in plan.biases:
+        t = plan.targets.get(path)
+
+        def params(u, path=path, t=t):
+            out = {"bias": stacked[path]["bias"][u]}
+            if t is not None:                          # a target with a trained bias: its usual lazy weight too
+                factors = {k: v[u] for k, v in stacked[path].items() if k != "bias"}
+                base = {k: t.module.get_parameter(k) for k in lora._updated[path]}
+                out.update(t.rule.overlay(t.module, base, factors, t.scaling, dropout=0.0, path=path))
+            return out
+
+        params_of[path] = params
+    called: set = set()
+    with _per_adapter_forwards(model, params_of, called):
+        out = torch.func.functional_call(model, overlay, args, kwargs, tie_weights=False, strict=False)
+    if called != params_of.keys():
+        raise _NotRoutable(f"the forward of {sorted(params_of.keys() - called)} was not called (its parameters "
+                           "are used directly by its parent)")
+    return out
+
+
+def _route_per_adapter(lora, stacked, idx, args, kwargs):
+    n = idx.shape[0]
+    groups = _groups(idx)
+    outs = []
+    for u, rows in groups:
+        sub_args, sub_kwargs = (args, kwargs) if len(groups) == 1 else _split((args, kwargs), rows, n)
+        outs.append(lora._forward(None, select(stacked, u), sub_args, sub_kwargs, False))
+    if len(groups) == 1:
+        return outs[0]
+    try:
+        return _assemble(outs, [g for _, g in groups], n, "the model")
+    except _NotRoutable as e:
+        raise ValueError(f"LoRA.route: cannot re-assemble the batch: {e}. route needs outputs with the "
+                         "batch on dim 0.") from None
