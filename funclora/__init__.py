@@ -14,6 +14,7 @@ from .peft_compat import PeftModel, get_peft_model
 from .rules import Factor, ParameterRule, Rule, register_rule, unregister_rule
 from .suggest import LayerGroup, TargetSuggestion, suggest_targets
 from .targeting import Plan, Target
+from .testing import RuleCheckError
 
 __version__ = "0.1.0"
 
@@ -28,6 +29,7 @@ __all__ = [
     "PeftModel",
     "Plan",
     "Rule",
+    "RuleCheckError",
     "Target",
     "TargetNotFoundError",
     "TargetSuggestion",
