@@ -37,14 +37,14 @@ from torch import nn
 from .errors import AdapterMismatchError
 from .lazy import _METADATA, _STRICT, MaterializationError
 from .ops import select
-from .rules import _FactoredRule
+from .rules import Conv1DRule, ConvRule, EmbeddingRule, LinearRule
 
 __all__ = ["route", "RoutedWeight"]
 
 # The index of the rows being computed right now: the whole batch, or one distinct adapter's rows
 # inside a module that runs once per adapter.
 _INDEX: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("funclora_route_index", default=None)
-_LAYOUTS = ("linear", "conv1d_t", "embedding", "conv")
+_ROUTABLE = (LinearRule, Conv1DRule, EmbeddingRule, ConvRule)
 
 
 class _NotRoutable(Exception):
@@ -333,9 +333,12 @@ def _as_index(index, n: int, device) -> torch.Tensor:
 
 
 def _routable(target) -> bool:
-    rule = type(target.rule)
-    return (issubclass(rule, _FactoredRule) and rule.overlay is _FactoredRule.overlay
-            and rule._parts is _FactoredRule._parts and rule.layout in _LAYOUTS)
+    """A Linear / Conv1D / Embedding / Conv rule (or a subclass keeping its lazy-weight forward)."""
+    kind = type(target.rule)
+    for cls in kind.__mro__:
+        if cls in _ROUTABLE:
+            return kind.overlay is cls.overlay and kind._parts is cls._parts and kind.layout == cls.layout
+    return False
 
 
 def route(lora, stacked: dict, index, args: tuple, kwargs: dict):
