@@ -132,7 +132,9 @@ def conv_cases(dims=(1, 2, 3), *, max_groups: int = 3, dilation: bool = True,
         stride = draw(st.integers(1, 2))
         dil = draw(st.integers(1, 2)) if dilation else 1
         mode = draw(st.sampled_from(padding_modes))
-        padding = draw(st.sampled_from(["same", 0, 1, 2] if stride == 1 else [0, 1, 2]))
+        # "same" needs stride 1; with an odd total padding PyTorch warns it copies the input
+        symmetric = all((k - 1) * dil % 2 == 0 for k in kernel)
+        padding = draw(st.sampled_from(["same", 0, 1, 2] if stride == 1 and symmetric else [0, 1, 2]))
         r = groups * draw(st.integers(1, max_rank))
         seed = draw(st.integers(0, 2**16))
         conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dim]
