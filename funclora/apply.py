@@ -27,8 +27,8 @@ treated as PEFT treats them: the base weight is shared, the adapter is not.
   issue #2777. funclora's merged forward equals its unmerged one.)
 - ``unmerge`` returns the tied form again: one entry per tied group, under the name
   ``named_parameters()`` uses.
-- ``LoraConfig(ensure_weight_tying=True)`` (PEFT also adapts the twin with the embedding's
-  factors) is not implemented: it raises when the adapter touches a tied weight.
+- PEFT's opt-in ``ensure_weight_tying=True`` (adapt the twin too, with the embedding's
+  factors transposed) is not implemented; ``LoraConfig`` rejects it.
 """
 
 from __future__ import annotations
@@ -87,6 +87,9 @@ class LoRA:
         True
     """
 
+    #: ``torch.func.vmap(lora)`` names its function by ``__name__`` (else ``repr``, the whole plan, per call)
+    __name__ = "LoRA"
+
     def __init__(self, model: nn.Module, config: LoraConfig):
         if not isinstance(model, nn.Module):
             raise TypeError(f"LoRA: `model` must be a torch.nn.Module, got {type(model).__name__}.")
@@ -113,12 +116,6 @@ class LoRA:
         self._alias: dict[str, str] = {}
         for name, p in model.named_parameters(remove_duplicate=False):
             self._alias[name] = first.setdefault(id(p), name)
-        if config.ensure_weight_tying and self._tied_groups(self._written()):
-            raise NotImplementedError(
-                "LoRA: ensure_weight_tying=True is not implemented: the adapter touches the tied "
-                f"weights {sorted(self._tied_groups(self._written()))} and funclora would not adapt their "
-                "twins. Set ensure_weight_tying=False (PEFT's default): the adapter then stays on the "
-                "module it targets, the tied twin keeps the base weight.")
 
     # --- what is targeted ---------------------------------------------------------------------
     @property
@@ -323,12 +320,6 @@ class LoRA:
                 params.pop(name, None)
             params[canonical] = value
         return params
-
-    def _written(self) -> list[str]:
-        """Names of every parameter the adapter changes (LoRA targets, saved modules, biases)."""
-        names = [f"{t.module_path}.{n}" for path, t in self.plan.targets.items() for n in self._updated[path]]
-        names += [f"{path}.{n}" for path, ns in self.plan.saved.items() for n in ns]
-        return names + [f"{path}.bias" for path in self.plan.biases]
 
     def _tied_groups(self, names) -> dict[str, list[str]]:
         """``{canonical name: all names of its tied group}`` for the tied groups among ``names``."""

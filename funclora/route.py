@@ -323,7 +323,7 @@ def _as_index(index, n: int, device) -> torch.Tensor:
                          f"{tuple(t.shape)}.")
     if t.numel() == 0:
         raise ValueError("LoRA.route: `index` is empty; give one adapter number per example.")
-    lo, hi = int(t.min()), int(t.max())
+    lo, hi = (int(v) for v in torch.aminmax(t))
     if lo < 0 or hi >= n:
         value = lo if lo < 0 else hi
         where = int(torch.nonzero(t == value)[0])
