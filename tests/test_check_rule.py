@@ -7,10 +7,12 @@ import pytest
 import torch
 import torch.nn as nn
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import funclora as fl
 from funclora.rules import LinearRule
-from funclora.testing import LAWS, Experts, RuleCheckError, RuleReport, check_rule, module_cases
+from funclora.testing import (LAWS, Experts, RuleCheckError, RuleReport, adapters, check_rule, lora_configs,
+                              model_cases, module_cases)
 
 HAS_IO = importlib.util.find_spec("funclora.io") is not None
 
@@ -251,3 +253,23 @@ def test_broken_rule_is_found_by_the_first_law_it_breaks():
     with pytest.raises(RuleCheckError) as info:
         check_rule(lambda: nn.Linear(5, 3), Both())
     assert info.value.law == "well-formed"
+
+
+# --- the shared strategies: whole models, configs, adapters ---------------------------------------
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_model_config_and_adapter_strategies_give_lawful_cases(data):
+    case = data.draw(model_cases())
+    config = data.draw(lora_configs(case))
+    model = case.build()
+    lora = fl.LoRA(model, config)
+    adapter = data.draw(adapters(lora))
+    assert lora.shapes() == {p: {k: tuple(v.shape) for k, v in leaves.items()} for p, leaves in adapter.items()}
+    model.eval()
+    with torch.no_grad():
+        fresh = lora.init(generator=torch.Generator().manual_seed(0))
+        if config.init_lora_weights is not False:
+            torch.testing.assert_close(lora(fresh, *case.inputs), model(*case.inputs))
+        out = lora(adapter, *case.inputs)
+        merged = torch.func.functional_call(model, lora.merge(adapter), case.inputs)
+    torch.testing.assert_close(merged, out, atol=1e-5, rtol=1e-4)
