@@ -7,7 +7,8 @@ of (base params, adapter, inputs), so ``grad``, ``vmap`` and ``torch.compile`` c
 from . import rules
 from .apply import LoRA
 from .config import LoraConfig
-from .errors import AdapterMismatchError, TargetNotFoundError, UnsupportedModuleError
+from .errors import AdapterFileError, AdapterMismatchError, TargetNotFoundError, UnsupportedModuleError
+from .io import load_adapter, load_adapters, save_adapter
 from .lazy import MaterializationError, strict
 from .ops import select, stack, unstack
 from .peft_compat import PeftModel, get_peft_model
@@ -19,6 +20,7 @@ from .testing import RuleCheckError
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterFileError",
     "AdapterMismatchError",
     "Factor",
     "LayerGroup",
@@ -35,8 +37,11 @@ __all__ = [
     "TargetSuggestion",
     "UnsupportedModuleError",
     "get_peft_model",
+    "load_adapter",
+    "load_adapters",
     "register_rule",
     "rules",
+    "save_adapter",
     "select",
     "stack",
     "strict",

@@ -146,9 +146,17 @@ class LoraConfig:
                 )
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             raise ValueError(f"LoraConfig: `r` must be a positive int, got {self.r!r}.")
+        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)):
+            raise ValueError(f"LoraConfig: `lora_alpha` must be a number, got {self.lora_alpha!r}.")
+        for name in ("rank_pattern", "alpha_pattern"):
+            if not isinstance(getattr(self, name), dict):
+                raise ValueError(f"LoraConfig: `{name}` must be a dict {{regex: value}}, got {getattr(self, name)!r}.")
         for key, value in self.rank_pattern.items():
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"LoraConfig: rank_pattern[{key!r}] must be a positive int, got {value!r}.")
+        for key, value in self.alpha_pattern.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"LoraConfig: alpha_pattern[{key!r}] must be a number, got {value!r}.")
         if not 0.0 <= float(self.lora_dropout) < 1.0:
             raise ValueError(f"LoraConfig: `lora_dropout` must be in [0, 1), got {self.lora_dropout!r}.")
         if self.bias not in ("none", "all", "lora_only"):

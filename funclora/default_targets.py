@@ -1,7 +1,11 @@
 """Default LoRA targets per transformers ``config.model_type`` (PEFT 0.21's choices).
 
 Used when ``LoraConfig.target_modules`` is None. Grouped by target list: each entry maps a
-target list (or regex string) to the model types that use it.
+target list (or regex string) to the model types that use it. The table covers every family of
+PEFT 0.21.2's ``TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING`` with the same targets
+(tests/test_default_targets.py pins that). For a model type it lacks (e.g. ``phi3``, which PEFT
+lacks too), LoRA raises an error built from :func:`funclora.suggest_targets`: the model's linear
+layers by role and a suggested ``target_modules``.
 """
 
 from __future__ import annotations

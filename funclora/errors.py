@@ -6,7 +6,7 @@ found, and the fix.
 
 from __future__ import annotations
 
-__all__ = ["TargetNotFoundError", "UnsupportedModuleError", "AdapterMismatchError"]
+__all__ = ["TargetNotFoundError", "UnsupportedModuleError", "AdapterMismatchError", "AdapterFileError"]
 
 
 class TargetNotFoundError(ValueError):
@@ -19,3 +19,7 @@ class UnsupportedModuleError(ValueError):
 
 class AdapterMismatchError(ValueError):
     """An adapter's keys or shapes do not fit the model (or the file does not fit the config)."""
+
+
+class AdapterFileError(ValueError):
+    """An adapter file is unreadable: empty, truncated, not safetensors / JSON, or not a LoRA config."""

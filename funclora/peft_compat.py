@@ -146,7 +146,7 @@ class PeftModel(nn.Module):
         """Write PEFT's files (``adapter_model.safetensors``, ``adapter_config.json``)."""
         from .io import save_adapter
 
-        save_adapter(path, _detached(self.adapter), self.lora.config, **kwargs)
+        save_adapter(path, _detached(self.adapter), lora=self.lora, adapter_name=self.adapter_name, **kwargs)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, path: str | os.PathLike, config: LoraConfig | None = None, *,
@@ -154,8 +154,10 @@ class PeftModel(nn.Module):
         """Load a PEFT (or funclora) adapter folder onto ``model`` (which stays untouched)."""
         from .io import load_adapter
 
-        adapter, loaded_config = load_adapter(path, config=config, model=model, **kwargs)
-        peft_model = cls(model, config or loaded_config, adapter, adapter_name=adapter_name,
+        subfolder = kwargs.pop("subfolder", None)  # PEFT's way to pick a named adapter's folder
+        folder = os.path.join(path, subfolder) if subfolder else path
+        adapter, loaded_config = load_adapter(folder, config=config, model=model, **kwargs)
+        peft_model = cls(model, loaded_config, adapter, adapter_name=adapter_name,
                          is_trainable=is_trainable)
         if not is_trainable:
             peft_model.eval()

@@ -216,3 +216,19 @@ def test_entries_rejects_unknown_roles():
 def test_docstring_examples_run():
     result = doctest.testmod(suggest, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_all_linear_with_seq_cls_excludes_the_classifier_like_peft():
+    """No output embeddings on a sequence classifier: PEFT drops `classifier` from all-linear
+    when task_type is SEQ_CLS (and saves it whole instead)."""
+    import transformers
+    from tiny_transformers import make_config
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForSequenceClassification.from_config(make_config("bert")).eval()
+    for task_type in (None, "SEQ_CLS"):
+        lora = fl.LoRA(model, fl.LoraConfig(target_modules="all-linear", task_type=task_type))
+        ref = peft_model(model, target_modules="all-linear", task_type=task_type)
+        assert lora.targeted_module_names == ref.targeted_module_names
+        assert ("classifier" in lora.targeted_module_names) == (task_type is None)
+        assert ("classifier" in lora.plan.saved) == (task_type == "SEQ_CLS")
