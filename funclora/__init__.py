@@ -4,7 +4,7 @@ An adapter is a plain pytree ``{module path: {leaf: Tensor}}``; the forward is a
 of (base params, adapter, inputs), so ``grad``, ``vmap`` and ``torch.compile`` compose with it.
 """
 
-from . import rules
+from . import distributed, rules
 from .apply import LoRA
 from .config import LoraConfig
 from .errors import AdapterFileError, AdapterMismatchError, TargetNotFoundError, UnsupportedModuleError
@@ -36,6 +36,7 @@ __all__ = [
     "TargetNotFoundError",
     "TargetSuggestion",
     "UnsupportedModuleError",
+    "distributed",
     "get_peft_model",
     "load_adapter",
     "load_adapters",

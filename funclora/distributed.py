@@ -70,11 +70,19 @@ def all_reduce_grads(tree, *, group=None):
         RuntimeError: no process group is initialized, or a leaf that requires grad has no
             ``.grad`` (the backward was not run, or this leaf was unused on this rank).
 
-    Example:
-        >>> import torch
+    Example (a one-process group; with two ranks holding ``full((2, 3), r)`` every rank gets
+    ``full((2, 3), 0.5)``):
+        >>> import torch, torch.distributed as dist
         >>> from funclora.distributed import all_reduce_grads
-        >>> # in a 2-process group where rank r holds grads {"fc": {"lora_A": full((2, 3), r)}}:
-        >>> # all_reduce_grads(grads)["fc"]["lora_A"] is full((2, 3), 0.5) on both ranks
+        >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        >>> adapter = {"fc": {"lora_A": torch.zeros(2, 3, requires_grad=True)}}
+        >>> (3 * adapter["fc"]["lora_A"]).sum().backward()
+        >>> all_reduce_grads(adapter)["fc"]["lora_A"].shape      # .grad averaged in place
+        torch.Size([2, 3])
+        >>> grads = {"fc": {"lora_A": torch.ones(2, 3)}}         # e.g. from torch.func.grad
+        >>> all_reduce_grads(grads)["fc"]["lora_A"].sum().item()  # a new pytree
+        6.0
+        >>> dist.destroy_process_group()
     """
     _require_group("all_reduce_grads", group)
     if isinstance(tree, nn.Module):
@@ -300,6 +308,14 @@ def sharded_forward(lora, params, adapter, args, kwargs, training, units: dict[s
                 handles.append(unit.register_forward_pre_hook(install, with_kwargs=True))
                 handles.append(unit.register_forward_hook(remove, always_call=True))
             return torch.func.functional_call(model, plain, args, kwargs, tie_weights=False, strict=False)
+        except RuntimeError as e:
+            if "setup_context" in str(e) and "functorch" in str(e):
+                raise RuntimeError(
+                    "LoRA: torch.func transforms (grad, vmap with grad) cannot run through this torch's "
+                    f"FSDP2 backward hooks (torch {torch.__version__}: its RegisterPostBackwardFunction has "
+                    "no setup_context; torch 2.14 has one and works). Use loss.backward() and "
+                    "funclora.distributed.all_reduce_grads(adapter) instead, or a newer torch.") from e
+            raise
         finally:
             for h in handles:
                 h.remove()
