@@ -126,8 +126,12 @@ class TargetSuggestion:
         A list of suffixes when every group has one, else one regex for all of them.
 
         Example:
-            >>> s = suggest_targets(model)                              # doctest: +SKIP
-            >>> LoraConfig(target_modules=s.entries("q", "k", "v", "o", "mlp"))  # doctest: +SKIP
+            >>> import torch, funclora as fl
+            >>> model = torch.nn.Module()
+            >>> names = ("q_proj", "k_proj", "v_proj", "o_proj")
+            >>> model.attn = torch.nn.ModuleDict({n: torch.nn.Linear(4, 4) for n in names})
+            >>> fl.suggest_targets(model).entries("q", "k", "v", "o")
+            ['q_proj', 'k_proj', 'v_proj', 'o_proj']
         """
         unknown = [r for r in roles if r not in ROLES]
         if unknown:

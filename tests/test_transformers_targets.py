@@ -5,7 +5,6 @@ phi3, gpt2, gpt_neox, opt, bloom, falcon, bert, roberta, t5, bart. A family miss
 installed transformers is skipped, and the skip says so.
 """
 
-import doctest
 import re
 
 import pytest
@@ -211,11 +210,6 @@ def test_suggestion_on_a_model_without_linear_layers_is_empty():
 def test_entries_rejects_unknown_roles():
     with pytest.raises(ValueError, match=r"TargetSuggestion.entries: unknown roles \['query'\]"):
         fl.suggest_targets(build("llama")).entries("query")
-
-
-def test_docstring_examples_run():
-    result = doctest.testmod(suggest, optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 0 and result.failed == 0
 
 
 def test_all_linear_with_seq_cls_excludes_the_classifier_like_peft():
