@@ -133,12 +133,9 @@ def write_safetensors(f, tensors: dict, metadata: dict) -> None:
     f.write(save(tensors, metadata=metadata))
 
 
-_DTYPES = {"F64": (torch.float64, 8), "F32": (torch.float32, 4), "F16": (torch.float16, 2),
-           "BF16": (torch.bfloat16, 2), "I64": (torch.int64, 8), "I32": (torch.int32, 4),
-           "I16": (torch.int16, 2), "I8": (torch.int8, 1), "U8": (torch.uint8, 1), "BOOL": (torch.bool, 1),
-           "F8_E4M3": (torch.float8_e4m3fn, 1), "F8_E5M2": (torch.float8_e5m2, 1)}
-
-
+# safetensors dtype -> bytes per element (the dtypes torch reads)
+_DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 _MAX_HEADER = 100_000_000
 
 
@@ -168,7 +165,7 @@ def subfolder(path, name: str, fn: str) -> str:
 def adapter_folder(path, adapter_name, fn: str) -> str:
     folder = existing_folder(path, fn)
     if adapter_name not in (None, DEFAULT):
-        sub = os.path.join(folder, subfolder(folder, adapter_name, fn))
+        sub = subfolder(folder, adapter_name, fn)
         if not os.path.isdir(sub):
             raise FileNotFoundError(f"{fn}: {folder!r} has no adapter named {adapter_name!r} (no folder {sub!r}); "
                                     f"named adapters there: {named_adapters(folder)}.")
@@ -247,8 +244,8 @@ def read_header(file: str, fn: str) -> tuple[dict, int]:
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
             raise bad(f"the entry {name!r} needs exactly dtype, shape and data_offsets")
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if dtype not in _DTYPES:
-            raise bad(f"{name!r} has dtype {dtype!r}; adapters use one of {sorted(_DTYPES)}")
+        if dtype not in _DTYPE_SIZES:
+            raise bad(f"{name!r} has dtype {dtype!r}; adapters use one of {sorted(_DTYPE_SIZES)}")
         if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
             raise bad(f"{name!r} has shape {shape!r}")
         if (not isinstance(offsets, list) or len(offsets) != 2
@@ -257,9 +254,9 @@ def read_header(file: str, fn: str) -> tuple[dict, int]:
         numel = 1
         for s in shape:
             numel *= s
-        if offsets[1] - offsets[0] != numel * _DTYPES[dtype][1]:
+        if offsets[1] - offsets[0] != numel * _DTYPE_SIZES[dtype]:
             raise bad(f"{name!r} has {offsets[1] - offsets[0]} bytes of data but shape {shape} {dtype} needs "
-                      f"{numel * _DTYPES[dtype][1]}")
+                      f"{numel * _DTYPE_SIZES[dtype]}")
         spans.append((offsets[0], offsets[1], name))
     end = 0
     for begin, stop, name in sorted(spans):

@@ -76,6 +76,7 @@ def key_map(items: Mapping[str, object], targets: dict[str, FileTarget]) -> dict
 
 
 def targets_from_lora(lora: LoRA) -> dict[str, FileTarget]:
+    """The exact layout, from the plan (rules' file keys, wrapper nesting in plan order)."""
     per_module: dict[str, list[str]] = {}
     for path, t in lora.plan.targets.items():
         if t.path != t.module_path:
@@ -90,6 +91,8 @@ def targets_from_lora(lora: LoRA) -> dict[str, FileTarget]:
 
 
 def module_targeted(path: str, config: LoraConfig) -> bool:
+    """Whether ``target_modules`` names ``path`` (``"all-linear"`` / ``None``: yes, unless only
+    parameters are targeted)."""
     spec = config.target_modules
     if spec is None or (isinstance(spec, str) and spec.lower() == "all-linear"):
         return not config.target_parameters
@@ -127,6 +130,7 @@ def targets_from_names(items: Mapping[str, object], config: LoraConfig, fn: str)
 
 
 def strip_prefix(tensors: dict) -> dict[str, torch.Tensor]:
+    """The keys without ``base_model.model.``."""
     # PEFT's files always carry the prefix; files from get_peft_model_state_dict on a bare model do not
     if any(k.startswith(PREFIX) for k in tensors):
         return {k[len(PREFIX):] if k.startswith(PREFIX) else k: t for k, t in tensors.items()}
@@ -138,6 +142,7 @@ def _shape(t) -> tuple:
 
 
 def match_keys(stripped: dict, lora: LoRA, file: str, strict: bool, fn: str) -> Adapter:
+    """The pytree ``lora.init()`` would make, filled from the file's (prefix-less) keys; checks shapes."""
     shapes = lora.shapes()
     keys = key_map(shapes, targets_from_lora(lora))
     missing = [PREFIX + k for k in keys.values() if k not in stripped]

@@ -117,7 +117,8 @@ def save_adapter(path: str | os.PathLike, adapter: Adapter, config: LoraConfig |
     try:
         for folder, tensors, metadata, text in prepared:
             writes.makedirs(folder)
-            writes.stage(os.path.join(folder, files.WEIGHTS_NAME), lambda f, t=tensors, m=metadata: files.write_safetensors(f, t, m))
+            writes.stage(os.path.join(folder, files.WEIGHTS_NAME),
+                         lambda f, t=tensors, m=metadata: files.write_safetensors(f, t, m))
             writes.stage(os.path.join(folder, files.CONFIG_NAME), lambda f, s=text: f.write(s.encode("utf-8")))
         writes.commit()
     finally:
@@ -329,7 +330,7 @@ def load_adapter(path: str | os.PathLike, *, model: torch.nn.Module | None = Non
 
     Args:
         path: the folder. ``adapter_name`` ``None`` / ``"default"`` reads its root, any other name
-            the files.subfolder PEFT wrote for that adapter.
+            the subfolder PEFT wrote for that adapter.
         model: check the keys and shapes against ``fl.LoRA(model, config)`` and return the pytree
             exactly as its ``init()`` structures it. Without a model the pytree is parsed from the
             key names and the config: paths come in file order, and a module with several
@@ -387,7 +388,8 @@ def load_adapters(path: str | os.PathLike, *, model: torch.nn.Module | None = No
     names = ([files.DEFAULT] if os.path.exists(os.path.join(folder, files.CONFIG_NAME)) else []) + \
         [n for n in files.named_adapters(folder) if n != files.DEFAULT]
     if not names:
-        raise FileNotFoundError(f"{fn}: {folder!r} holds no adapter ({files.CONFIG_NAME} at its root or in a files.subfolder).")
+        raise FileNotFoundError(f"{fn}: {folder!r} holds no adapter ({files.CONFIG_NAME} at its root or in a "
+                                "subfolder).")
     adapters, configs = {}, {}
     for name in names:
         adapters[name], configs[name] = load_adapter(folder, model=model, adapter_name=name, dtype=dtype,

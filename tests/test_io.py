@@ -164,7 +164,8 @@ def test_dtype_and_device(tmp_path):
     adapter = random_adapter(lora)
     fl.save_adapter(tmp_path, adapter, lora=lora)
     half, _ = fl.load_adapter(tmp_path, model=model, dtype=torch.bfloat16, device="cpu")
-    assert all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for leaves in half.values() for t in leaves.values())
+    assert all(t.dtype == torch.bfloat16 and t.device.type == "cpu"
+               for leaves in half.values() for t in leaves.values())
     assert torch.equal(half["seq.0"]["lora_A"], adapter["seq.0"]["lora_A"].to(torch.bfloat16))
     with pytest.raises(TypeError, match="dtype"):
         fl.load_adapter(tmp_path, dtype="float16")
@@ -186,7 +187,8 @@ def test_save_checks_the_adapter_against_the_model(tmp_path):
     model = build(MLP)
     lora = fl.LoRA(model, fl.LoraConfig(target_modules=["seq.0"], r=2))
     bad = random_adapter(fl.LoRA(model, fl.LoraConfig(target_modules=["seq.0"], r=4)))
-    with pytest.raises(fl.AdapterMismatchError, match=r"save_adapter: adapter\['seq.0'\]\['lora_A'\] has shape \(4, 20\)"):
+    with pytest.raises(fl.AdapterMismatchError,
+                       match=r"save_adapter: adapter\['seq.0'\]\['lora_A'\] has shape \(4, 20\)"):
         fl.save_adapter(tmp_path, bad, lora=lora)
     with pytest.raises(fl.AdapterMismatchError, match="vmap"):
         fl.save_adapter(tmp_path, fl.stack([random_adapter(lora), random_adapter(lora)]), lora=lora)
@@ -367,3 +369,14 @@ def test_transformers_name_or_path_is_written(tmp_path):
     data = json.loads((tmp_path / "adapter_config.json").read_text())
     assert data["base_model_name_or_path"] == "org/tiny-gpt2" and data["target_modules"] == ["c_attn"]
     assert data["fan_in_fan_out"] is True and data["auto_mapping"] is None
+
+
+def test_relative_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model = build(MLP)
+    configs = {"default": fl.LoraConfig(target_modules=["seq.0"]), "b": fl.LoraConfig(target_modules=["seq.2"])}
+    adapters = {n: random_adapter(fl.LoRA(model, c)) for n, c in configs.items()}
+    fl.save_adapter("out", adapters, configs, model=model)
+    _equal(fl.load_adapter("out", adapter_name="b", model=model)[0], adapters["b"])
+    _equal(fl.load_adapters("out", model=model)[0]["default"], adapters["default"])
+    assert fl.LoraConfig.from_pretrained("out", subfolder="b").target_modules == ["seq.2"]

@@ -88,7 +88,8 @@ def test_pickle_file_is_refused_with_a_conversion_hint(tmp_path):
 def test_garbage_weights(tmp_path, content, what):
     _saved(tmp_path)
     (tmp_path / WEIGHTS).write_bytes(content)
-    with pytest.raises(fl.AdapterFileError, match=f"load_adapter: '.*{WEIGHTS}' is not a valid safetensors file: {what}"):
+    with pytest.raises(fl.AdapterFileError,
+                       match=f"load_adapter: '.*{WEIGHTS}' is not a valid safetensors file: {what}"):
         fl.load_adapter(tmp_path)
 
 

@@ -167,7 +167,8 @@ def test_overlapping_rank_pattern_survives_the_file(tmp_path):
     # PEFT's own file of the same config cannot be read back with the right ranks (by PEFT either)
     peft_dir = tmp_path / "peft"
     peft_model(model, kw).save_pretrained(str(peft_dir))
-    with pytest.raises(fl.AdapterMismatchError, match=r"layers\.0\.q\.lora_A\.weight.*\(2, 4\).*\(6, 4\).*rank_pattern"):
+    with pytest.raises(fl.AdapterMismatchError,
+                       match=r"layers\.0\.q\.lora_A\.weight.*\(2, 4\).*\(6, 4\).*rank_pattern"):
         fl.load_adapter(peft_dir, model=model)
 
 
