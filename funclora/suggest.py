@@ -1,6 +1,7 @@
 """``suggest_targets``: which layers of a model to give LoRA, when no table knows the model.
 
-Every ``nn.Linear`` / transformers ``Conv1D`` is given a role from its name and position:
+Every ``nn.Linear`` / transformers ``Conv1D`` (and ``nn.MultiheadAttention``) is given a role
+from its name and position:
 
 =========  ==============================================================================
 role       how it is recognised
@@ -9,7 +10,9 @@ role       how it is recognised
 ``k``      name token ``k`` / ``key`` / ``wk``
 ``v``      name token ``v`` / ``value`` / ``wv``
 ``qkv``    a fused projection: ``qkv_proj``, ``query_key_value``, ``c_attn``, ``Wqkv``,
-           ``W_pack``, ``kv_proj``, ``in_proj`` inside an attention module
+           ``W_pack``, ``kv_proj``, ``in_proj`` inside an attention module; also a whole
+           ``nn.MultiheadAttention`` (its LoRA rule adapts in_proj and out_proj; its inner
+           ``out_proj`` is not listed: MHA's forward reads that weight directly)
 ``o``      any other linear inside an attention module (a parent named ``*attn*`` /
            ``*attention*``, or a sibling of a q/k/v layer): ``o_proj``, ``out_proj``, ``dense``
 ``mlp``    any other linear inside a numbered block (``layers.3.mlp.up_proj``, ``layer.1.fc1``)
@@ -19,8 +22,9 @@ role       how it is recognised
 =========  ==============================================================================
 
 Within a role the layers are grouped by the shortest dotted suffix (with at least one
-non-numeric part: ``ff.2``, not ``2``) that matches exactly those layers under PEFT's list rule (a module path equals the entry or ends with
-``"." + entry``), so each group's ``entry`` can be put in ``target_modules`` as it is. When
+non-numeric part: ``ff.2``, not ``2``) that matches exactly those layers under PEFT's list
+rule (a module path equals the entry or ends with ``"." + entry``), so each group's
+``entry`` can be put in ``target_modules`` as it is. When
 no suffix separates a group from layers of another role (BERT's ``layer.0.output.dense`` vs
 ``layer.0.attention.output.dense``), the entry is a regex over the whole path instead.
 """
@@ -184,7 +188,9 @@ def suggest_targets(model: nn.Module) -> TargetSuggestion:
     from .targeting import _is_linear, _is_pretrained
 
     names = tuple(n for n, _ in model.named_modules() if n)
-    linear = [(n, m) for n, m in model.named_modules() if n and _is_linear(m)]
+    mha = [n for n, m in model.named_modules() if n and isinstance(m, nn.MultiheadAttention)]
+    linear = [(n, m) for n, m in model.named_modules() if n and (
+        isinstance(m, nn.MultiheadAttention) or _is_linear(m) and not any(n.startswith(a + ".") for a in mha))]
     head_ids = set()
     if _is_pretrained(model):
         try:
@@ -229,7 +235,9 @@ def _assign_roles(linear, head_ids) -> list[str]:
     for (path, module), p, role in zip(linear, parts, first):
         parents, name = p[:-1], p[-1]
         in_block = any(s.isdigit() for s in parents)
-        if id(module) in head_ids or (not head_ids and not in_block and name.lower() in _HEADS):
+        if isinstance(module, nn.MultiheadAttention):
+            roles.append("qkv")  # its own LoRA rule adapts in_proj and out_proj together
+        elif id(module) in head_ids or (not head_ids and not in_block and name.lower() in _HEADS):
             roles.append("head")
         elif role:
             roles.append(role)
@@ -294,6 +302,8 @@ def _group(role: str, members, names) -> list[LayerGroup]:
 def _io(module: nn.Module) -> tuple[int, int]:
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
+    if isinstance(module, nn.MultiheadAttention):
+        return module.embed_dim, 3 * module.embed_dim
     w = module.weight  # transformers Conv1D stores (in, out)
     return int(w.shape[0]), int(w.shape[1])
 

@@ -226,3 +226,14 @@ def test_all_linear_with_seq_cls_excludes_the_classifier_like_peft():
         assert lora.targeted_module_names == ref.targeted_module_names
         assert ("classifier" in lora.targeted_module_names) == (task_type is None)
         assert ("classifier" in lora.plan.saved) == (task_type == "SEQ_CLS")
+
+
+def test_multihead_attention_is_one_fused_target_and_its_out_proj_is_not_listed():
+    layer = torch.nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, batch_first=True)
+    model = torch.nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+    s = fl.suggest_targets(model)
+    assert s.roles == {"qkv": ["self_attn"], "mlp": ["linear1", "linear2"]}
+    assert next(g for g in s.groups if g.role == "qkv").shape == (16, 48)
+    assert s.target_modules == ["self_attn"]
+    lora = fl.LoRA(model, fl.LoraConfig(target_modules=s.target_modules))
+    assert lora.targeted_module_names == ["layers.0.self_attn", "layers.1.self_attn"]
