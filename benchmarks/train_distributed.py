@@ -218,16 +218,10 @@ def _global_mean(loss):
 # --- checkpoints: rank 0 writes, every rank reads ---------------------------------------------
 
 def save_checkpoint(folder, adapter, config, optimizer, step):
+    """Rank 0 writes PEFT's adapter files, the optimizer state and the step; the others wait."""
     if dist.get_rank() == 0:
-        detached = {p: {k: v.detach().cpu() for k, v in leaves.items()} for p, leaves in adapter.items()}
-        if hasattr(fl, "save_adapter"):
-            fl.save_adapter(folder, detached, config)
-        else:  # before funclora.io: a flat safetensors file
-            from safetensors.torch import save_file
-
-            os.makedirs(folder, exist_ok=True)
-            save_file({f"{p}/{k}": v.contiguous() for p, leaves in detached.items() for k, v in leaves.items()},
-                      os.path.join(folder, "adapter.safetensors"))
+        fl.save_adapter(folder, {p: {k: v.detach().cpu() for k, v in leaves.items()} for p, leaves in adapter.items()},
+                        config)
         torch.save(optimizer.state_dict(), os.path.join(folder, "optimizer.pt"))
         with open(os.path.join(folder, "trainer.json"), "w") as f:
             json.dump({"step": step}, f)
@@ -235,16 +229,8 @@ def save_checkpoint(folder, adapter, config, optimizer, step):
 
 
 def load_checkpoint(folder, lora):
-    if hasattr(fl, "load_adapter"):
-        adapter = fl.load_adapter(folder)[0]
-    else:
-        from safetensors.torch import load_file
-
-        adapter = {}
-        for key, v in load_file(os.path.join(folder, "adapter.safetensors")).items():
-            path, leaf = key.split("/")
-            adapter.setdefault(path, {})[leaf] = v
-    lora.check(adapter)
+    """Every rank reads the adapter (safetensors) and the step it was saved at."""
+    adapter, _ = fl.load_adapter(folder, model=lora.model)  # checked against the model, init() order
     with open(os.path.join(folder, "trainer.json")) as f:
         return adapter, json.load(f)["step"]
 

@@ -101,20 +101,6 @@ def _unflat(flat, prefix):
     return out
 
 
-def _save_adapter(folder, adapter, config):
-    if hasattr(fl, "save_adapter"):
-        fl.save_adapter(folder, adapter, config)
-    else:  # until funclora.io lands: a flat safetensors file
-        os.makedirs(folder, exist_ok=True)
-        save_file(_flat(adapter, "a"), os.path.join(folder, "adapter.safetensors"))
-
-
-def _load_adapter(folder):
-    if hasattr(fl, "load_adapter"):
-        return fl.load_adapter(folder)[0]
-    return _unflat(load_file(os.path.join(folder, "adapter.safetensors")), "a")
-
-
 # --- the worker ------------------------------------------------------------------------------------
 
 def _worker(rank, out_dir, init_file):
@@ -240,6 +226,11 @@ def _scenario_fsdp(rank, model, config, lora, adapter0, X, y, out_dir, tensors, 
         info["func_grad_err"] = max((g[p][k] - g_ref[p][k]).abs().max().item() for p in g for k in g[p])
     except RuntimeError as e:
         info["func_grad_error"] = str(e)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True))  # all-gathers
+    merged = lora_s.merge(adapter0, full)
+    info["merge_err"] = (torch.func.functional_call(model, merged, (X,)) - lora(adapter0, X)).abs().max().item()
     stacked = fl.stack([adapter0, optree.tree_map(lambda t: 2 * t, adapter0)])
     try:
         outs = torch.func.vmap(lora_s, in_dims=(0, None))(stacked, X)
@@ -297,14 +288,15 @@ def _scenario_resume(rank, model, config, lora, adapter0, X, y, out_dir, tensors
     def checkpoint(step, optimizer):
         if step == half:
             if rank == 0:  # one writer; every rank reads after the barrier
-                _save_adapter(folder, adapter, config)
+                fl.save_adapter(folder, {p: {k: v.detach() for k, v in leaves.items()} for p, leaves in adapter.items()},
+                                config)
                 torch.save(optimizer.state_dict(), opt_file)
             dist.barrier()
 
     adapter = _trainable(adapter0)
     info["losses"] = _train_adamw(loss_fn(adapter), _leaves(adapter), STEPS, reduce=lambda: all_reduce_grads(adapter),
                                   on_step=checkpoint)
-    loaded = _load_adapter(folder)
+    loaded, _ = fl.load_adapter(folder, model=model)
     # the optimizer's state is keyed by position: list the leaves in the order they were trained in
     resumed = _trainable({p: {k: loaded[p][k] for k in leaves} for p, leaves in lora.shapes().items()})
     optimizer = torch.optim.AdamW(_leaves(resumed), lr=LR)
@@ -421,6 +413,7 @@ def test_distributed_fsdp2_sharded_base_with_replicated_adapter(results, referen
     _assert_trained_like_reference(results, "fsdp", reference["adamw"])
     assert info["all_reduce_numel"] == [reference["adapter_numel"]] * STEPS
     assert info["sharded_after"] and info["plain_forward_err"] == 0.0
+    assert info["merge_err"] <= 1e-6  # merge from the full state dict
     if "vmap_err" in info or info["functorch_hooks"]:  # a stack of adapters over one sharded base
         assert info["vmap_err"] <= 1e-6
     else:
