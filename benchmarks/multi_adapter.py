@@ -99,11 +99,12 @@ def _mlp(device, dtype):
     return model, kw, batch, loss, "seed MLP 20-2000-2000-2, r=8 on seq.0/seq.2, seq.4 saved"
 
 
-def _llama(device, dtype, layers, seq):
+def _llama(device, dtype, layers, seq, hidden=2048):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers, num_attention_heads=16,
-                      num_key_value_heads=16, vocab_size=32000, max_position_embeddings=max(2048, seq),
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_hidden_layers=layers,
+                      num_attention_heads=16, num_key_value_heads=16, vocab_size=32000,
+                      max_position_embeddings=max(2048, seq),
                       bos_token_id=1, eos_token_id=2, pad_token_id=0)
     model = LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
     kw = dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], r=8, lora_alpha=16)
@@ -117,7 +118,7 @@ def _llama(device, dtype, layers, seq):
         logits = out.logits if hasattr(out, "logits") else out
         return F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten())
 
-    return model, kw, batch, loss, f"Llama-like hidden 2048, {layers} layers, seq {seq}, r=8 on q/k/v/o_proj"
+    return model, kw, batch, loss, f"Llama-like hidden {hidden}, {layers} layers, seq {seq}, r=8 on q/k/v/o_proj"
 
 
 def _logits(out):
@@ -129,7 +130,7 @@ def _random_adapters(lora, n, device):
     out = []
     for i in range(n):
         g = torch.Generator().manual_seed(100 + i)
-        a = lora.init(generator=g)
+        a = lora.init(generator=torch.Generator(device=device).manual_seed(100 + i))
         for path, leaves in a.items():
             for leaf, t in leaves.items():
                 noise = torch.randn(t.shape, generator=g).to(device=t.device, dtype=t.dtype)
@@ -145,6 +146,14 @@ def _peft_copy(model, kw, adapters):
     pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(**kw), adapter_name=names[0])
     for name in names[1:]:
         pm.add_adapter(name, peft.LoraConfig(**kw))
+    _load_values(pm, names, adapters)
+    return pm, names
+
+
+def _load_values(pm, names, adapters):
+    """Copy funclora adapter values into the PEFT model's adapters ``names``."""
+    import peft
+
     with torch.no_grad():
         for name, adapter in zip(names, adapters):
             for path, leaves in adapter.items():
@@ -154,7 +163,6 @@ def _peft_copy(model, kw, adapters):
                         module.modules_to_save[name].get_parameter(leaf).copy_(t)
                     else:
                         getattr(module, leaf)[name].weight.copy_(t)
-    return pm, names
 
 
 def _peft_params(pm, name):
@@ -173,8 +181,8 @@ def _agree(a, b, what):
 def run(args) -> list[dict]:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     torch.manual_seed(0)
-    if device.type == "cuda":
-        model, kw, batch, loss, note = _llama(device, dtype, args.layers, args.seq)
+    if args.model == "llama":
+        model, kw, batch, loss, note = _llama(device, dtype, args.layers, args.seq, args.hidden)
     else:
         model, kw, batch, loss, note = _mlp(device, dtype)
     model.eval().requires_grad_(False)
@@ -192,7 +200,7 @@ def run(args) -> list[dict]:
         rows.append(dict(metric=metric, batch=batch_size, funclora_ms=f * 1e3, peft_ms=p * 1e3, ratio=f / p,
                          check=check, note=extra))
         print(f"  {metric:20s} batch {batch_size:4d}  funclora {f * 1e3:9.3f} ms  PEFT {p * 1e3:9.3f} ms  "
-              f"ratio {f / p:5.2f}   (max rel. diff {check:.1e}) {extra}", flush=True)
+              f"ratio {f / p:5.2f}   (max rel. diff {'-' if check is None else f'{check:.1e}'}) {extra}", flush=True)
 
     print(f"workload: {note}; N = {n} adapters; {args.device} {args.dtype}", flush=True)
 
@@ -239,8 +247,16 @@ def run(args) -> list[dict]:
     row("route", b, timer.compare({"funclora": f_route, "peft": p_route}), check)
 
     # 3. N adapters trained in one step, N learning rates
-    b = args.train_batch
+    for b in args.train_batch:
+        _train_rows(lora, pm, names, adapters, batch, loss, n, b, device, model, timer, row)
+    model.eval()
+    return rows
+
+
+def _train_rows(lora, pm, names, adapters, batch, loss, n, b, device, model, timer, row):
+    """Rows ``train_n`` and ``train_n_func_grad`` at batch ``b``."""
     inputs, target = batch(b)
+    _load_values(pm, names, adapters)                                   # both start from the same values
     lrs = [1e-5 * 2 ** i for i in range(n)]
     model.train()
     pm.train()
@@ -300,19 +316,20 @@ def run(args) -> list[dict]:
             value.backward()
             opt.step()
 
-    row("train_n_func_grad", b, timer.compare({"funclora": f_grad, "peft": p_grad}), float("nan"), "SGD")
-    model.eval()
-    return rows
+    row("train_n_func_grad", b, timer.compare({"funclora": f_grad, "peft": p_grad}), None, "SGD")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--model", choices=["mlp", "llama"], default=None,
+                        help="default: mlp on CPU, llama on CUDA")
+    parser.add_argument("--hidden", type=int, default=2048, help="llama: hidden size")
     parser.add_argument("--n", type=int, default=8, help="number of adapters")
     parser.add_argument("--vmap-batch", type=int, nargs="+", default=None)
     parser.add_argument("--route-batch", type=int, default=64)
-    parser.add_argument("--train-batch", type=int, default=None)
+    parser.add_argument("--train-batch", type=int, nargs="+", default=None)
     parser.add_argument("--layers", type=int, default=4, help="CUDA Llama-like: number of decoder layers")
     parser.add_argument("--seq", type=int, default=None, help="CUDA Llama-like: tokens per example")
     parser.add_argument("--rounds", type=int, default=15)
@@ -322,9 +339,11 @@ def main(argv=None):
     parser.add_argument("--json", default=None, help="write the rows to this file")
     args = parser.parse_args(argv)
     cuda = args.device.startswith("cuda")
-    args.vmap_batch = args.vmap_batch or ([4] if cuda else [1, 64])
-    args.train_batch = args.train_batch or (4 if cuda else 64)
-    args.seq = args.seq or (64 if cuda else 1)
+    args.model = args.model or ("llama" if cuda else "mlp")
+    llama = args.model == "llama"
+    args.vmap_batch = args.vmap_batch or ([1, 4] if llama else [1, 64])
+    args.train_batch = args.train_batch or ([4] if llama else [8, 64])
+    args.seq = args.seq or 64
     if args.quick:
         args.rounds, args.round_ms = 3, 30.0
     if args.threads:

@@ -5,12 +5,17 @@ This is multi-tenant serving (PEFT's ``model(x, adapter_names=[...])``) as one f
 * **Linear, transformers Conv1D, Embedding and Conv1d/2d/3d targets** get a *routed weight*: a
   tensor that is ``W`` and carries the stacked factors ``A (N, r, ...)``, ``B (N, out, r, ...)``.
   The base op runs once on the whole batch; the LoRA branch gathers each example's factors
-  (``A[index]``, ``B[index]``) and runs one batched matmul (``bmm``); an Embedding looks its rows
-  up in ``A[index[i]]`` directly; a conv runs as one grouped conv with a group per example.
-  No Python loop over adapters.
+  (``A[index]``, ``B[index]``) and runs batched matmuls (``bmm``); an Embedding looks its rows up
+  in ``A[index[i]]`` directly; a conv runs as one grouped conv with a group per example. With
+  few tokens per example (``(N − 1)·tokens ≤ 32``, e.g. an MLP or one decoding step) gathering
+  ``B`` copies of the factors costs more than the products, so the branch instead multiplies by
+  all N adapters' factors at once and zeroes the other adapters' part. No Python loop over
+  adapters either way.
 * **modules_to_save and trained biases** (``bias="all"`` / ``"lora_only"``) differ per adapter
-  too: such a module is run once per *distinct* adapter on that adapter's rows (as PEFT does),
-  the rest of the model still runs once.
+  too. A saved ``nn.Linear`` (a classifier head) runs as one matmul with all N adapters' weights,
+  each example keeping its own adapter's outputs, when that N-fold work is small; any other such
+  module runs once per *distinct* adapter on that adapter's rows (as PEFT does), while the rest of
+  the model still runs once.
 * **Anything else** (nn.MultiheadAttention, ``target_parameters``, user rules, a per-adapter
   module that is not batch-first or whose parameters its parent uses directly): the whole model
   runs once per distinct adapter on that adapter's rows. Same result, PEFT-like cost.
@@ -45,6 +50,12 @@ __all__ = ["route", "RoutedWeight"]
 # inside a module that runs once per adapter.
 _INDEX: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("funclora_route_index", default=None)
 _ROUTABLE = (LinearRule, Conv1DRule, EmbeddingRule, ConvRule)
+# Linear / Conv1D branch: gathered bmm, or (when (N - 1)·tokens per example ≤ this) one matmul over
+# all adapters' A with the other adapters' columns zeroed; see _branch.
+_DENSE_MAX = 32
+# A saved nn.Linear runs as one matmul over all N adapters' weights when that costs at most this
+# many extra multiply-adds (a classifier head); else once per distinct adapter.
+_DENSE_SAVED_MACS = 1 << 24
 
 
 class _NotRoutable(Exception):
@@ -82,10 +93,38 @@ def _rows(x: torch.Tensor, parts: RoutedParts, *, divisible: bool = False) -> to
     raise _NotRoutable(f"the input of {parts.path!r} has shape {tuple(x.shape)}, not {n} examples on dim 0")
 
 
+def _dense(n_adapters: int, tokens: int) -> bool:
+    return (n_adapters - 1) * tokens <= _DENSE_MAX
+
+
+def _up(h: torch.Tensor, B: torch.Tensor, idx: torch.Tensor, s: float) -> torch.Tensor:
+    """``s·h_b @ B[idx[b]]ᵀ`` for ``h (n, M, r)``, ``B (N, out, r)`` → ``(n, M, out)``."""
+    n, m, r = h.shape
+    big_n = B.shape[0]
+    if not _dense(big_n, m):
+        return s * torch.bmm(h, B.index_select(0, idx).transpose(1, 2))
+    own = idx.view(n, 1, 1, 1) == torch.arange(big_n, device=idx.device).view(1, 1, big_n, 1)
+    h = (h.unsqueeze(2) * own).reshape(n, m, big_n * r)          # example b's r columns in slot idx[b]
+    return s * (h @ B.permute(1, 0, 2).reshape(B.shape[1], big_n * r).T)
+
+
 def _branch(x3: torch.Tensor, A: torch.Tensor, B: torch.Tensor, idx: torch.Tensor, s: float) -> torch.Tensor:
-    """``s·(x_b @ A[idx[b]]ᵀ) @ B[idx[b]]ᵀ`` for ``x3 (n, M, in)``, ``A (N, r, in)``, ``B (N, out, r)``."""
-    h = torch.bmm(x3.to(A.dtype), A.index_select(0, idx).transpose(1, 2))       # (n, M, r)
-    return s * torch.bmm(h, B.index_select(0, idx).transpose(1, 2))              # (n, M, out)
+    """``s·(x_b @ A[idx[b]]ᵀ) @ B[idx[b]]ᵀ`` for ``x3 (n, M, in)``, ``A (N, r, in)``, ``B (N, out, r)``.
+
+    Gathers each example's factors and runs two batched matmuls. With few tokens per example
+    (``(N − 1)·M ≤ 32``, e.g. one token each) gathering ``n`` copies of the factors costs more than
+    the products, so all ``N`` adapters' ``A`` run as one matmul, each example keeps its own
+    adapter's ``r`` columns (the others are zeroed) and one matmul with all ``B`` finishes.
+    """
+    n, m, _ = x3.shape
+    big_n, r = A.shape[0], A.shape[1]
+    x3 = x3.to(A.dtype)
+    if not _dense(big_n, m):
+        h = torch.bmm(x3, A.index_select(0, idx).transpose(1, 2))                # (n, M, r)
+    else:
+        h = (x3 @ A.reshape(big_n * r, -1).T).view(n, m, big_n, r)               # every adapter's A
+        h = h.gather(2, idx.view(n, 1, 1, 1).expand(n, m, 1, r)).squeeze(2)      # (n, M, r): its own
+    return _up(h, B, idx, s)
 
 
 def _linear(input, weight, bias=None):
@@ -130,8 +169,8 @@ def _embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0,
     if padding_idx is not None and rows.requires_grad:                # no gradient into the padding column
         pad = padding_idx if padding_idx >= 0 else padding_idx + A.shape[-1]
         rows = torch.where((input == pad).unsqueeze(-1), rows.detach(), rows)
-    y = torch.bmm(rows.reshape(n, -1, A.shape[1]), parts.B.index_select(0, idx).transpose(1, 2))
-    return out + (parts.scaling * y).reshape(out.shape).to(out.dtype)
+    y = _up(rows.reshape(n, -1, A.shape[1]), parts.B, idx, parts.scaling)
+    return out + y.reshape(out.shape).to(out.dtype)
 
 
 def _make_conv(conv):
@@ -270,6 +309,11 @@ def _grouped_forward(module, forward, params_fn, path, called):
         n = idx.shape[0]
         if not _has_batch((args, kwargs), n):
             raise _NotRoutable(f"the module {path!r} got no input with {n} examples on dim 0")
+        stacked = getattr(params_fn, "stacked_linear", None)
+        if stacked is not None and len(args) == 1 and not kwargs and args[0].dim() >= 2 and args[0].shape[0] == n:
+            y = _saved_linear(args[0], *stacked, idx)
+            if y is not None:
+                return y
         groups = _groups(idx)
         outs = []
         for u, rows in groups:
@@ -283,6 +327,22 @@ def _grouped_forward(module, forward, params_fn, path, called):
         return outs[0] if len(groups) == 1 else _assemble(outs, [g for _, g in groups], n, repr(path))
 
     return routed
+
+
+def _saved_linear(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None, idx: torch.Tensor):
+    """A saved ``nn.Linear`` with per-example weights ``W[idx[i]]`` (``W (N, out, in)``), or None.
+
+    One matmul with all N adapters' weights, each example keeping its own adapter's outputs, when
+    the N-fold work is small (a classifier head); otherwise None (run once per distinct adapter).
+    """
+    big_n, out_f, in_f = W.shape
+    rows = x.numel() // in_f
+    if (big_n - 1) * rows * in_f * out_f > _DENSE_SAVED_MACS:
+        return None
+    y = F.linear(x, W.reshape(big_n * out_f, in_f), None if b is None else b.reshape(-1))
+    y = y.reshape(x.shape[0], -1, big_n, out_f)
+    lead = idx.view(-1, 1, 1, 1).expand(y.shape[0], y.shape[1], 1, out_f)
+    return y.gather(2, lead).reshape(*x.shape[:-1], out_f)
 
 
 # --- route ---------------------------------------------------------------------------------------
@@ -408,7 +468,13 @@ def _route_layers(lora, stacked, idx, args, kwargs):
                             t.rule.layout, path, getattr(t.module, "groups", 1))
         overlay[f"{t.module_path}.weight"] = _routed_weight(parts)
     for path, names in plan.saved.items():
-        params_of[path] = (lambda u, path=path, names=names: {n: stacked[path][n][u] for n in names})
+        def params(u, path=path, names=names):
+            return {n: stacked[path][n][u] for n in names}
+
+        module = model.get_submodule(path)
+        if type(module).forward is nn.Linear.forward and set(names) <= {"weight", "bias"}:
+            params.stacked_linear = (stacked[path]["weight"], stacked[path].get("bias"))
+        params_of[path] = params
     for path in plan.biases:
         t = plan.targets.get(path)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import peft
@@ -12,6 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import funclora as fl
+import funclora.route as route_module
 from funclora.demo import MLP
 
 SETTINGS = settings(max_examples=15, deadline=None, derandomize=True)
@@ -41,6 +43,18 @@ def _per_example(lora, adapters, index, *inputs, **kwargs):
         kw = {k: v[i:i + 1] if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
         rows.append(lora(adapters[u], *args, **kw))
     return torch.cat(rows)
+
+
+@contextlib.contextmanager
+def _branch(kind):
+    """Force the strategies: "gathered" (A[index], B[index], bmm; saved modules once per distinct
+    adapter) or "dense" (one matmul over all adapters, the others' part zeroed)."""
+    saved = route_module._DENSE_MAX, route_module._DENSE_SAVED_MACS
+    route_module._DENSE_MAX = route_module._DENSE_SAVED_MACS = -1 if kind == "gathered" else 10**12
+    try:
+        yield
+    finally:
+        route_module._DENSE_MAX, route_module._DENSE_SAVED_MACS = saved
 
 
 def _close(a, b, tol=1e-5):
@@ -115,13 +129,14 @@ def _mlp():
 
 # --- laws ---------------------------------------------------------------------------------------
 @SETTINGS
-@given(n=st.integers(1, 4), data=st.data())
-def test_route_equals_per_example_calls_mlp(n, data):
+@given(n=st.integers(1, 4), data=st.data(), kind=st.sampled_from(["gathered", "dense"]))
+def test_route_equals_per_example_calls_mlp(n, data, kind):
     model, lora = _mlp()
     adapters = _adapters(lora, n)
     index = data.draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=7))
-    x = torch.randn(len(index), 20)
-    with fl.strict():                                 # Linear layers: gathered bmm, nothing materialized
+    tokens = data.draw(st.sampled_from([(), (3,)]))  # x (B, 20) or (B, 3, 20)
+    x = torch.randn(len(index), *tokens, 20)
+    with fl.strict(), _branch(kind):                  # Linear layers: nothing materialized
         out = lora.route(fl.stack(adapters), index, x)
     _close(out, _per_example(lora, adapters, index, x))
 
@@ -141,24 +156,24 @@ def test_route_equals_per_example_calls_conv(data):
 
 
 @SETTINGS
-@given(data=st.data())
-def test_route_equals_per_example_calls_embedding(data):
+@given(data=st.data(), kind=st.sampled_from(["gathered", "dense"]))
+def test_route_equals_per_example_calls_embedding(data, kind):
     torch.manual_seed(2)
     model = TokenNet().eval()
-    lora = fl.LoRA(model, fl.LoraConfig(target_modules=["emb", "fc"], r=2))
+    lora = fl.LoRA(model, fl.LoraConfig(target_modules=["emb", "fc"], modules_to_save=["norm", "out"], r=2))
     adapters = _adapters(lora, 3)
     index = data.draw(st.lists(st.integers(0, 2), min_size=1, max_size=5))
     ids = torch.randint(0, 20, (len(index), 6))
     ids[0, :2] = 0                                    # padding_idx rows
-    with fl.strict():
+    with fl.strict(), _branch(kind):
         out = lora.route(fl.stack(adapters), index, ids)
+        flat = lora.route(fl.stack(adapters), index, ids[:, 0])      # ids (B,): one token per example
     _close(out, _per_example(lora, adapters, index, ids))
-    flat = lora.route(fl.stack(adapters), index, ids[:, 0])      # ids (B,): one token per example
     _close(flat, _per_example(lora, adapters, index, ids[:, 0]))
 
 
-@pytest.mark.filterwarnings("ignore:.*fan_in_fan_out.*")   # transformers-side notice, not under test
-def test_route_gpt2_conv1d_and_embedding():
+@pytest.mark.parametrize("kind", ["gathered", "dense"])
+def test_route_gpt2_conv1d_and_embedding(kind):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(3)
@@ -168,7 +183,7 @@ def test_route_gpt2_conv1d_and_embedding():
     adapters = _adapters(lora, 3)
     index = [2, 0, 0, 1, 2]
     ids = torch.randint(0, 50, (5, 7))
-    with fl.strict():                                 # Conv1D goes through torch.addmm on (B·T, in) rows
+    with fl.strict(), _branch(kind):                  # Conv1D goes through torch.addmm on (B·T, in) rows
         out = lora.route(fl.stack(adapters), index, input_ids=ids, use_cache=False).logits
     ref = torch.cat([lora(adapters[u], input_ids=ids[i:i + 1], use_cache=False).logits for i, u in enumerate(index)])
     _close(out, ref, 2e-5)
