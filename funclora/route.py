@@ -418,6 +418,16 @@ def route(lora, stacked: dict, index, args: tuple, kwargs: dict):
         IndexError: an index value is ``< 0`` or ``≥ N``.
         ValueError / TypeError: ``index`` is not 1-D integers, or no input has ``B`` rows.
         AdapterMismatchError: ``stacked`` is not a stack of this LoRA's adapters.
+
+    Example:
+        >>> import torch, funclora as fl
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+        >>> lora = fl.LoRA(model, fl.LoraConfig(target_modules=["0"], r=2, init_lora_weights=False))
+        >>> a0, a1 = (lora.init(generator=torch.Generator().manual_seed(i)) for i in (0, 1))
+        >>> x = torch.randn(3, 4)
+        >>> out = lora.route(fl.stack([a0, a1]), [1, 0, 1], x)     # example 1 uses a0, the others a1
+        >>> out.shape, torch.allclose(out[1], lora(a0, x[1:2])[0], atol=1e-6)
+        (torch.Size([3, 3]), True)
     """
     from .apply import _training_mode
 

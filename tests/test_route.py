@@ -375,3 +375,22 @@ def test_route_matches_peft_adapter_names_conv_and_embedding():
     index = [1, 0, 1]
     want = _peft_model(tokens, kw, adapters)(ids, adapter_names=[f"a{u}" for u in index])
     _close(lora.route(fl.stack(adapters), index, ids), want)
+
+
+@pytest.mark.filterwarnings("ignore:fan_in_fan_out is set to False:UserWarning")   # PEFT's Conv1D notice
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # PEFT on transformers 5
+def test_route_matches_peft_adapter_names_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(10)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=16,
+                                       bos_token_id=0, eos_token_id=0)).eval()
+    kw = dict(target_modules=["c_attn", "c_proj", "wte"], r=2, lora_alpha=4)
+    lora = fl.LoRA(model, fl.LoraConfig(**kw))
+    adapters = _adapters(lora, 3)
+    index = [0, 2, 2, 1]
+    ids = torch.randint(0, 50, (4, 6))
+    want = _peft_model(model, kw, adapters)(input_ids=ids, adapter_names=[f"a{u}" for u in index],
+                                            use_cache=False).logits
+    got = lora.route(fl.stack(adapters), index, input_ids=ids, use_cache=False).logits
+    _close(got, want, 2e-5)
