@@ -111,6 +111,16 @@ class LoRA:
             self._specs.setdefault(path, {})["bias"] = tuple(model.get_submodule(path).bias.shape)
         # recurrent modules: PyTorch cannot vmap them (no batching rule for aten::lstm & co.)
         self._rnn_paths = [n or "<root>" for n, m in model.named_modules() if isinstance(m, nn.RNNBase)]
+        # hot-path caches (the plan is fixed): each target's base-parameter names and the module that
+        # owns each, the expected leaf shapes, and every module's class (FSDP2's fully_shard swaps a
+        # module's class, so comparing classes is a cheap test for "sharded since init")
+        self._base_names = {path: tuple((n, f"{t.module_path}.{n}") for n in self._updated[path])
+                            for path, t in self.plan.targets.items()}
+        self._owners = {full: _owner(model, full) for names in self._base_names.values() for _, full in names}
+        self._want = {path: tuple((leaf, tuple(s.shape) if isinstance(s, Factor) else s) for leaf, s in leaves.items())
+                      for path, leaves in self._specs.items()}
+        self._classes = [(m, type(m)) for m in model.modules()]
+        self._sharded_at_init = bool(fsdp_units(model))
         # parameter name -> the name ``named_parameters()`` lists it under (tied weights)
         first: dict[int, str] = {}
         self._alias: dict[str, str] = {}
@@ -169,6 +179,8 @@ class LoRA:
 
         ``batched`` is the number of leading stack axes each leaf may carry.
         """
+        if batched == 0 and self._fits(adapter):  # fast path; the checks below explain a mismatch
+            return
         if not isinstance(adapter, dict):
             raise AdapterMismatchError(f"LoRA: the adapter must be a dict {{path: {{leaf: tensor}}}}, "
                                        f"got {type(adapter).__name__}.")
@@ -196,6 +208,20 @@ class LoRA:
                         f"LoRA: adapter[{path!r}][{leaf!r}] has shape {got} but the model's {path} "
                         f"needs {want}.{hint}")
 
+    def _fits(self, adapter) -> bool:
+        """True when ``adapter`` has exactly the expected paths, leaves and (unbatched) shapes."""
+        if not isinstance(adapter, dict) or adapter.keys() != self._specs.keys():
+            return False
+        specs = self._specs
+        for path, want in self._want.items():
+            given = adapter[path]
+            if not isinstance(given, dict) or given.keys() != specs[path].keys():
+                return False
+            for leaf, shape in want:
+                if getattr(given[leaf], "shape", None) != shape:
+                    return False
+        return True
+
     # --- forward ------------------------------------------------------------------------------
     def __call__(self, adapter: Adapter, *args, **kwargs):
         """``model(*args, **kwargs)`` with ``adapter`` applied; base params read from the model."""
@@ -212,21 +238,26 @@ class LoRA:
                 "DisableTorchFunction), so the LoRA weights would silently act as the plain base "
                 "weights. Call the LoRA forward outside that context.")
         self.check(adapter)
-        units = fsdp_units(self.model)
-        if units:  # FSDP2-sharded base: the overlay goes onto each unit's all-gathered weights
-            return sharded_forward(self, params, adapter, args, kwargs, training, units)
+        if self._sharded_at_init or any(type(m) is not c for m, c in self._classes):
+            units = fsdp_units(self.model)
+            if units:  # FSDP2-sharded base: the overlay goes onto each unit's all-gathered weights
+                return sharded_forward(self, params, adapter, args, kwargs, training, units)
+        if training is None:
+            return self._call(params, adapter, args, kwargs)
         with _training_mode(self.model, training):
-            mode = self.model.training
-            tensors = {} if params is None else self._untie(params)
-            tensors.update(self._overlay(adapter, tensors if params is not None else None))
-            if mode:
-                tensors.update({n: b.clone() for n, b in self.model.named_buffers()})
-            try:
-                return torch.func.functional_call(self.model, tensors, args, kwargs, tie_weights=False, strict=False)
-            except RuntimeError as e:
-                if self._rnn_paths and _NO_RNN_BATCHING.search(str(e)):
-                    raise _rnn_vmap_error(self.model, self._rnn_paths, str(e)) from None
-                raise
+            return self._call(params, adapter, args, kwargs)
+
+    def _call(self, params, adapter, args, kwargs):
+        tensors = {} if params is None else self._untie(params)
+        tensors.update(self._overlay(adapter, tensors if params is not None else None))
+        if self.model.training:
+            tensors.update({n: b.clone() for n, b in self.model.named_buffers()})
+        try:
+            return torch.func.functional_call(self.model, tensors, args, kwargs, tie_weights=False, strict=False)
+        except RuntimeError as e:
+            if self._rnn_paths and _NO_RNN_BATCHING.search(str(e)):
+                raise _rnn_vmap_error(self.model, self._rnn_paths, str(e)) from None
+            raise
 
     def _untie(self, params):
         out = dict(params)
@@ -237,7 +268,9 @@ class LoRA:
 
     def _base(self, name: str, params) -> torch.Tensor:
         if params is None:
-            return self.model.get_parameter(name)
+            owner, leaf = self._owners.get(name, (None, None))
+            p = owner._parameters.get(leaf) if owner is not None else None
+            return p if p is not None else self.model.get_parameter(name)
         if name in params:
             return params[name]
         try:
@@ -249,7 +282,7 @@ class LoRA:
     def _overlay(self, adapter: Adapter, params) -> dict[str, torch.Tensor]:
         out = {}
         for path, t in self.plan.targets.items():
-            base = {n: self._base(f"{t.module_path}.{n}", params) for n in self._updated[path]}
+            base = {n: self._base(full, params) for n, full in self._base_names[path]}
             dropout = t.dropout if t.module.training else 0.0
             for n, v in t.rule.overlay(t.module, base, adapter[path], t.scaling, dropout=dropout, path=path).items():
                 out[f"{t.module_path}.{n}"] = v
@@ -376,6 +409,15 @@ def _rnn_vmap_error(model: nn.Module, paths: list[str], message: str) -> Runtime
         "instead: [lora(fl.select(stacked, i), x) for i in range(n)], or lora.route(stacked, index, x) "
         "for one adapter per example; to batch many sequences, use the RNN's own batch dimension."
     )
+
+
+def _owner(model: nn.Module, name: str) -> tuple[nn.Module | None, str]:
+    """``(module, leaf)`` owning the parameter ``name`` (``(None, name)`` if there is none)."""
+    prefix, _, leaf = name.rpartition(".")
+    try:
+        return model.get_submodule(prefix), leaf
+    except AttributeError:
+        return None, leaf
 
 
 def _factor_dtype(base_dtype: torch.dtype, dtype) -> torch.dtype:

@@ -19,8 +19,11 @@ Metadata reads (``.shape``, ``.dtype``, ...) are answered by ``W``. Any other op
 ``W + s·ΔW`` ("materialization"), so every module still works, only slower; inside
 :func:`strict` materialization raises :class:`MaterializationError` instead.
 
-The LoRA branch runs in the factors' dtype (fp32 factors over a bf16 base, as PEFT does) and is
-cast back to the base output's dtype.
+The LoRA branch runs in the factors' dtype (fp32 factors over a bf16 base, as PEFT does); ``s`` is
+applied to the ``r``-wide intermediate, and the update is added to the base output in the wider
+dtype and rounded once to the base output's dtype. Outside ``torch.func`` transforms and
+``torch.compile`` tracing, the add happens in place on the fresh base output (no base op saves its
+output for backward), which saves an output-sized tensor and a pass over it.
 """
 
 from __future__ import annotations
@@ -125,20 +128,58 @@ def _materialize(parts: LoraParts, what: str) -> torch.Tensor:
 
 
 def _dropped(x: torch.Tensor, parts: LoraParts) -> torch.Tensor:
-    x = x.to(parts.A.dtype)
+    if x.dtype != parts.A.dtype:
+        x = x.to(parts.A.dtype)
     return F.dropout(x, parts.dropout, training=True) if parts.dropout > 0 else x
 
 
-def _linear_branch(x: torch.Tensor, parts: LoraParts, out_dtype: torch.dtype) -> torch.Tensor:
-    """``s·(drop(x)@Aᵀ)@Bᵀ`` for ``x (..., in)`` → ``(..., out)``."""
-    h = F.linear(F.linear(_dropped(x, parts), parts.A), parts.B)
-    return (parts.scaling * h).to(out_dtype)
+def _scaled(h: torch.Tensor, s) -> torch.Tensor:
+    """``s·h`` on the ``r``-wide intermediate (cheaper than scaling the output-sized update)."""
+    return h if s == 1 else h * s
+
+
+def _in_place(out: torch.Tensor) -> bool:
+    """Whether the update may be added into ``out``, a fresh result of the base op.
+
+    Not while torch.compile traces (it fuses the add anyway) nor inside torch.func transforms
+    (they forbid mutating a tensor made at an outer level, and a vmapped update may be wider).
+    """
+    return (not torch.compiler.is_compiling() and type(out) is torch.Tensor
+            and torch._C._functorch.peek_interpreter_stack() is None)
+
+
+def _plus(out: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    """``out + update`` summed in the wider dtype, in ``out``'s dtype (PEFT's rounding)."""
+    if _in_place(out):
+        return out.add_(update)
+    total = out + update
+    return total if total.dtype == out.dtype else total.to(out.dtype)
+
+
+def _add_product(out: torch.Tensor, h: torch.Tensor, B: torch.Tensor, s) -> torch.Tensor:
+    """``out + s·h@Bᵀ`` for ``out (..., out)``, ``h (..., r)``, ``B (out, r)``.
+
+    One in-place ``addmm_`` when ``out`` may be updated in place, has the factors' dtype and is 2-D
+    (or nothing needs gradients, so a 2-D view of it will do); else ``_plus(out, (s·h)@Bᵀ)``.
+    """
+    if out.dtype == h.dtype and _in_place(out):
+        if out.dim() == 2 and h.dim() == 2:
+            return out.addmm_(h, B.t(), alpha=s)
+        if out.is_contiguous() and not (out.requires_grad or h.requires_grad or B.requires_grad):
+            out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), B.t(), alpha=s)
+            return out
+    return _plus(out, F.linear(_scaled(h, s), B))
+
+
+def _lora_a(x: torch.Tensor, parts: LoraParts) -> torch.Tensor:
+    """``drop(x)@Aᵀ`` for ``x (..., in)`` → ``(..., r)``, in the factors' dtype."""
+    return F.linear(_dropped(x, parts), parts.A)
 
 
 def _linear(input, weight, bias=None):
     parts = weight._lora
     out = F.linear(input, parts.base, bias)
-    return out + _linear_branch(input, parts, out.dtype)
+    return _add_product(out, _lora_a(input, parts), parts.B, parts.scaling)
 
 
 def _addmm(input, mat1, mat2, *, beta=1, alpha=1, out=None):
@@ -146,8 +187,7 @@ def _addmm(input, mat1, mat2, *, beta=1, alpha=1, out=None):
     if out is not None:
         raise MaterializationError("funclora: torch.addmm(out=...) is not supported on a LoRA weight")
     res = torch.addmm(input, mat1, parts.base, beta=beta, alpha=alpha)
-    branch = _linear_branch(mat1, parts, res.dtype)
-    return res + (branch if alpha == 1 else alpha * branch)
+    return _add_product(res, _lora_a(mat1, parts), parts.B, parts.scaling * alpha)
 
 
 def _matmul(input, other, *, out=None):
@@ -155,7 +195,7 @@ def _matmul(input, other, *, out=None):
     if out is not None:
         raise MaterializationError("funclora: torch.matmul(out=...) is not supported on a LoRA weight")
     res = torch.matmul(input, parts.base)
-    return res + _linear_branch(input, parts, res.dtype)
+    return _add_product(res, _lora_a(input, parts), parts.B, parts.scaling)
 
 
 def _embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0,
@@ -166,7 +206,7 @@ def _embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0,
     base = parts.base if max_norm is None else parts.base.clone()
     out = F.embedding(input, base, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)
     rows = F.embedding(input, parts.A.transpose(0, 1), padding_idx, None, norm_type, scale_grad_by_freq)
-    return out + (parts.scaling * (rows @ parts.B.transpose(0, 1))).to(out.dtype)
+    return _add_product(out, rows, parts.B, parts.scaling)
 
 
 def _make_conv(conv):
@@ -174,8 +214,7 @@ def _make_conv(conv):
         parts = weight._lora
         out = conv(input, parts.base, bias, stride, padding, dilation, groups)
         h = conv(_dropped(input, parts), parts.A, None, stride, padding, dilation, 1)
-        h = conv(h, parts.B, None, 1, 0, 1, groups)
-        return out + (parts.scaling * h).to(out.dtype)
+        return _plus(out, conv(_scaled(h, parts.scaling), parts.B, None, 1, 0, 1, groups))
 
     return _conv
 
