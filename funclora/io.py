@@ -348,6 +348,18 @@ def load_adapter(path: str | os.PathLike, *, model: torch.nn.Module | None = Non
     Raises:
         FileNotFoundError: no such folder or file. AdapterFileError: a file is not valid
         safetensors / JSON or not a LoRA config. AdapterMismatchError: keys or shapes do not fit.
+
+    Example:
+        >>> import tempfile, torch, funclora as fl
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> lora = fl.LoRA(model, fl.LoraConfig(target_modules=["0"], modules_to_save=["2"], r=2))
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     fl.save_adapter(folder, lora.init(), lora=lora)
+        ...     adapter, config = fl.load_adapter(folder, model=model)
+        >>> {path: {leaf: tuple(t.shape) for leaf, t in leaves.items()} for path, leaves in adapter.items()}
+        {'0': {'lora_A': (2, 4), 'lora_B': (8, 2)}, '2': {'weight': (2, 8), 'bias': (2,)}}
+        >>> config.target_modules, config.modules_to_save
+        (['0'], ['2'])
     """
     fn = "load_adapter"
     if dtype is not None and not isinstance(dtype, torch.dtype):
@@ -382,6 +394,18 @@ def load_adapters(path: str | os.PathLike, *, model: torch.nn.Module | None = No
 
     ``"default"`` is the adapter at the root (if any), other names are the subfolders holding
     an ``adapter_config.json``. The inverse of ``save_adapter(path, {name: adapter}, {name: config})``.
+
+    Example:
+        >>> import tempfile, torch, funclora as fl
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 2))
+        >>> config = fl.LoraConfig(target_modules=["0"], r=2)
+        >>> lora = fl.LoRA(model, config)
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     fl.save_adapter(folder, {"default": lora.init(), "french": lora.init()},
+        ...                     {"default": config, "french": config}, model=model)
+        ...     adapters, configs = fl.load_adapters(folder, model=model)
+        >>> sorted(adapters), configs["french"].r
+        (['default', 'french'], 2)
     """
     fn = "load_adapters"
     folder = files.existing_folder(path, fn)

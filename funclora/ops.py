@@ -40,12 +40,28 @@ def stack(adapters: Sequence[dict]) -> dict:
 
 
 def select(stacked: dict, index: int) -> dict:
-    """Adapter ``index`` of a stacked adapter (leaves are views)."""
+    """Adapter ``index`` of a stacked adapter (leaves are views): each leaf ``(N, *shape)`` → ``shape``.
+
+    Example:
+        >>> import torch, funclora as fl
+        >>> a = {"fc": {"lora_A": torch.zeros(2, 4), "lora_B": torch.ones(3, 2)}}
+        >>> stacked = fl.stack([a, a, a])
+        >>> fl.select(stacked, 1)["fc"]["lora_B"].shape
+        torch.Size([3, 2])
+    """
     return optree.tree_map(lambda t: t[index], stacked, none_is_leaf=False)
 
 
 def unstack(stacked: dict) -> list[dict]:
-    """The list of N adapters in a stacked adapter (inverse of :func:`stack`)."""
+    """The list of N adapters in a stacked adapter (inverse of :func:`stack`).
+
+    Example:
+        >>> import torch, funclora as fl
+        >>> stacked = {"fc": {"lora_A": torch.zeros(3, 2, 4), "lora_B": torch.zeros(3, 5, 2)}}
+        >>> adapters = fl.unstack(stacked)
+        >>> len(adapters), tuple(adapters[0]["fc"]["lora_A"].shape)
+        (3, (2, 4))
+    """
     sizes = {t.shape[0] for t in optree.tree_leaves(stacked, none_is_leaf=False)}
     if len(sizes) != 1:
         raise ValueError(f"unstack: leaves have different leading sizes {sorted(sizes)}; is this a stacked adapter?")

@@ -96,6 +96,11 @@ class Factor:
 
     ``role`` is ``"A"`` (kaiming-uniform, or N(0, 1/r) for "gaussian"), ``"B"`` (zeros),
     ``"embedding_A"`` (zeros) or ``"embedding_B"`` (N(0, 1)) — PEFT's init per role.
+
+    Example:
+        >>> import torch, funclora as fl
+        >>> fl.rules.find_rule(torch.nn.Linear(4, 3)).factors(torch.nn.Linear(4, 3), 2)
+        {'lora_A': Factor(shape=(2, 4), role='A'), 'lora_B': Factor(shape=(3, 2), role='B')}
     """
 
     shape: tuple[int, ...]
@@ -108,6 +113,28 @@ class Rule:
     :mod:`funclora.rules` is the guide, with a complete LSTM example.
 
     Check a new rule with :func:`funclora.testing.check_rule` before training with it.
+
+    Example — a rule for a module type funclora does not know (``w`` is ``(out, in)``)::
+
+        >>> import torch, funclora as fl
+        >>> class Affine(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.w = torch.nn.Parameter(torch.randn(3, 4))
+        ...     def forward(self, x):
+        ...         return x @ self.w.T
+        >>> class AffineRule(fl.Rule):
+        ...     def updated_parameters(self, module):
+        ...         return ("w",)
+        ...     def factors(self, module, r):       # lora_A (r, in), lora_B (out, r)
+        ...         out, in_ = module.w.shape
+        ...         return {"lora_A": fl.Factor((r, in_), "A"), "lora_B": fl.Factor((out, r), "B")}
+        ...     def delta(self, module, factors, scaling):
+        ...         return {"w": scaling * factors["lora_B"] @ factors["lora_A"]}
+        >>> config = fl.LoraConfig(target_modules=["0"], r=2)
+        >>> config.register_custom_module({Affine: AffineRule()})
+        >>> fl.LoRA(torch.nn.Sequential(Affine()), config).shapes()
+        {'0': {'lora_A': (2, 4), 'lora_B': (3, 2)}}
     """
 
     #: whether ``overlay`` applies ``lora_dropout`` (if False, dropout is ignored for the module)
@@ -382,7 +409,15 @@ def register_rule(module_type: type, rule) -> None:
 
 
 def unregister_rule(module_type: type) -> None:
-    """Remove a rule added with :func:`register_rule` (built-ins stay)."""
+    """Remove a rule added with :func:`register_rule` (built-ins stay).
+
+    Example:
+        >>> import funclora as fl, torch.nn as nn
+        >>> fl.register_rule(nn.Linear, fl.rules.LinearRule())
+        >>> fl.unregister_rule(nn.Linear)
+        >>> fl.rules.find_rule(nn.Linear(2, 2))   # the built-in rule again
+        LinearRule()
+    """
     _USER.pop(module_type, None)
 
 

@@ -63,6 +63,17 @@ class LayerGroup:
         kind: the layers' class name(s), e.g. ``"Linear"`` or ``"Conv1D"``.
         shape: ``(in_features, out_features)`` of the first layer.
         regex: whether ``entry`` is a regex rather than a suffix.
+
+    Example:
+        >>> import torch, funclora as fl
+        >>> class Attention(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.q_proj, self.v_proj = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+        >>> model = torch.nn.Module()
+        >>> model.layers = torch.nn.ModuleList([Attention(), Attention()])
+        >>> fl.suggest_targets(model).groups[0]
+        LayerGroup(entry='q_proj', role='q', paths=('layers.0.q_proj', 'layers.1.q_proj'), kind='Linear', shape=(8, 8), regex=False)
     """
 
     entry: str
@@ -90,6 +101,27 @@ class TargetSuggestion:
             and value projections, or the fused qkv projection); ``None`` if the model has no
             linear layer.
         model_type: ``config.model_type`` of a transformers model, else ``None``.
+
+    Example:
+        >>> import torch, funclora as fl
+        >>> class Attention(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.q_proj, self.v_proj = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+        >>> model = torch.nn.Module()
+        >>> model.layers = torch.nn.ModuleList([Attention(), Attention()])
+        >>> model.lm_head = torch.nn.Linear(8, 50)
+        >>> suggestion = fl.suggest_targets(model)
+        >>> print(suggestion)
+          attention query (q):
+            'q_proj'                       2 × Linear 8→8  e.g. layers.0.q_proj … layers.1.q_proj
+          attention value (v):
+            'v_proj'                       2 × Linear 8→8  e.g. layers.0.v_proj … layers.1.v_proj
+          output head (head):
+            'lm_head'                      1 × Linear 8→50  e.g. lm_head
+          suggested: target_modules=['q_proj', 'v_proj']
+        >>> suggestion.roles
+        {'q': ['q_proj'], 'v': ['v_proj'], 'head': ['lm_head']}
     """
 
     groups: tuple[LayerGroup, ...]

@@ -34,7 +34,22 @@ __all__ = ["Target", "Plan", "make_plan"]
 
 @dataclass(frozen=True)
 class Target:
-    """One adapted module (or parameter) and its resolved rank and scaling."""
+    """One adapted module (or parameter) and its resolved rank and scaling.
+
+    Attributes:
+        path: the adapter key: the module path, or the parameter path for ``target_parameters``.
+        module_path: the module that owns the adapted parameter(s).
+        module, rule: that module and the :class:`~funclora.Rule` that adapts it.
+        r, alpha, scaling: rank, ``lora_alpha`` and ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA).
+        dropout: ``lora_dropout`` for this target (0 if its rule applies none).
+
+    Example:
+        >>> import torch, funclora as fl
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> t = fl.LoRA(model, fl.LoraConfig(target_modules=["0"], r=2, lora_alpha=4)).plan.targets["0"]
+        >>> t.module_path, t.r, t.scaling, t.rule
+        ('0', 2, 2.0, LinearRule())
+    """
 
     path: str                 # adapter key: module path, or parameter path for target_parameters
     module_path: str
@@ -59,6 +74,14 @@ class Plan:
         saved: ``{module path: names of its parameters}`` for ``modules_to_save``.
         biases: ``{module path: ("bias",)}`` for ``bias="all"`` / ``"lora_only"``.
         target_modules: the resolved ``target_modules`` (explicit names for "all-linear" / None).
+
+    Example:
+        >>> import torch, funclora as fl
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> print(fl.LoRA(model, fl.LoraConfig(target_modules=["0"], modules_to_save=["2"], r=2)).plan)
+        LoRA plan: 1 targets, 1 saved modules, 0 trained biases
+          0  Linear  r=2 alpha=8 scaling=4  LinearRule()
+          2  saved (weight, bias)
     """
 
     targets: dict[str, Target]
