@@ -140,7 +140,15 @@ class LoRA:
         return [t.path for t in self.plan.targets.values() if t.path != t.module_path]
 
     def shapes(self) -> dict[str, dict[str, tuple[int, ...]]]:
-        """``{path: {leaf: shape}}`` of the adapter this LoRA expects."""
+        """``{path: {leaf: shape}}`` of the adapter this LoRA expects.
+
+        Example:
+        >>> import torch, funclora as fl
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> lora = fl.LoRA(model, fl.LoraConfig(target_modules=["0"], modules_to_save=["2"], r=2))
+        >>> lora.shapes()
+        {'0': {'lora_A': (2, 4), 'lora_B': (8, 2)}, '2': {'weight': (2, 8), 'bias': (2,)}}
+        """
         return {p: {leaf: tuple(s.shape) if isinstance(s, Factor) else s for leaf, s in leaves.items()}
                 for p, leaves in self._specs.items()}
 
@@ -158,6 +166,16 @@ class LoRA:
             ``{path: {leaf: Tensor}}``: ``lora_A (r, in)`` / ``lora_B (out, r)`` for Linear,
             ``lora_embedding_A (r, num)`` / ``lora_embedding_B (dim, r)`` for Embedding, the
             parameters of each saved module, and ``bias`` for trained biases.
+
+        Example:
+        >>> import torch, funclora as fl
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> lora = fl.LoRA(model, fl.LoraConfig(target_modules=["0"], modules_to_save=["2"], r=2))
+        >>> adapter = lora.init(generator=torch.Generator().manual_seed(0))
+        >>> torch.count_nonzero(adapter["0"]["lora_B"]).item()   # B starts at zero: a no-op
+        0
+        >>> lora.init(dtype=torch.bfloat16)["0"]["lora_A"].dtype
+        torch.bfloat16
         """
         how = self.config.init_lora_weights
         adapter: Adapter = {}
@@ -178,6 +196,13 @@ class LoRA:
         """Raise :class:`AdapterMismatchError` unless ``adapter`` has exactly the expected leaves.
 
         ``batched`` is the number of leading stack axes each leaf may carry.
+
+        Example:
+        >>> import torch, funclora as fl
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> lora = fl.LoRA(model, fl.LoraConfig(target_modules=["0"], modules_to_save=["2"], r=2))
+        >>> lora.check(lora.init())
+        >>> lora.check(fl.stack([lora.init(), lora.init()]), batched=1)
         """
         if batched == 0 and self._fits(adapter):  # fast path; the checks below explain a mismatch
             return
@@ -224,11 +249,39 @@ class LoRA:
 
     # --- forward ------------------------------------------------------------------------------
     def __call__(self, adapter: Adapter, *args, **kwargs):
-        """``model(*args, **kwargs)`` with ``adapter`` applied; base params read from the model."""
+        """``model(*args, **kwargs)`` with ``adapter`` applied; base params read from the model.
+
+        The model is not changed. Gradients flow to the adapter's tensors (``.backward()`` or
+        ``torch.func.grad``); ``torch.func.vmap(lora, in_dims=(0, None))`` runs a stacked adapter.
+
+        Example:
+        >>> import torch, funclora as fl
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> lora = fl.LoRA(model, fl.LoraConfig(target_modules=["0"], modules_to_save=["2"], r=2))
+        >>> adapter = lora.init(generator=torch.Generator().manual_seed(0))
+        >>> x = torch.randn(3, 4)
+        >>> lora(adapter, x).shape                                  # x (3, 4) -> (3, 2)
+        torch.Size([3, 2])
+        >>> grads = torch.func.grad(lambda a: lora(a, x).sum())(adapter)
+        >>> tuple(grads["0"]["lora_B"].shape)
+        (8, 2)
+        >>> torch.func.vmap(lora, in_dims=(0, None))(fl.stack([adapter, adapter]), x).shape
+        torch.Size([2, 3, 2])
+        """
         return self._forward(None, adapter, args, kwargs, None)
 
     def apply(self, params: dict[str, torch.Tensor], adapter: Adapter, *args, **kwargs):
-        """Same as ``__call__`` with an explicit base-params dict (e.g. from ``merge``)."""
+        """Same as ``__call__`` with an explicit base-params dict ``{name: Tensor}`` (e.g. from ``merge``).
+
+        Example:
+        >>> import torch, funclora as fl
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> lora = fl.LoRA(model, fl.LoraConfig(target_modules=["0"], modules_to_save=["2"], r=2))
+        >>> adapter, x = lora.init(), torch.randn(3, 4)
+        >>> params = {n: p.detach() for n, p in model.named_parameters()}
+        >>> torch.equal(lora.apply(params, adapter, x), lora(adapter, x))
+        True
+        """
         return self._forward(params, adapter, args, kwargs, None)
 
     def _forward(self, params, adapter, args, kwargs, training):
@@ -294,20 +347,73 @@ class LoRA:
 
     # --- many adapters (funclora/route.py, funclora/combine.py) --------------------------------
     def route(self, stacked: Adapter, index, *args, **kwargs):
-        """Example ``i`` of the batch uses adapter ``index[i]`` of ``stacked`` (see :mod:`funclora.route`)."""
+        """Example ``i`` of the batch uses adapter ``index[i]`` of ``stacked`` (see :mod:`funclora.route`).
+
+        Args:
+            stacked: ``fl.stack([a_0, …, a_{N-1}])`` (every leaf has a leading axis ``N``).
+            index: ``B`` adapter numbers in ``[0, N)`` (list of ints or 1-D integer tensor).
+            args, kwargs: the model's inputs, ``B`` examples on dim 0.
+
+        Returns:
+            The model's output; row ``i`` equals ``lora(fl.select(stacked, index[i]), x[i:i+1])``.
+            Runs in eval mode (an inference feature, as PEFT's ``adapter_names``).
+
+        Example:
+        >>> import torch, funclora as fl
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> lora = fl.LoRA(model, fl.LoraConfig(target_modules=["0"], modules_to_save=["2"], r=2))
+        >>> adapters = [lora.init(generator=torch.Generator().manual_seed(i)) for i in range(3)]
+        >>> adapters = [{p: {k: v + 0.1 * i for k, v in a[p].items()} for p in a} for i, a in enumerate(adapters)]
+        >>> x, index = torch.randn(4, 4), torch.tensor([2, 0, 0, 1])
+        >>> out = lora.route(fl.stack(adapters), index, x)          # (4, 2)
+        >>> torch.allclose(out[0], lora(adapters[2], x[:1])[0], atol=1e-6)
+        True
+        """
         from .route import route
 
         return route(self, stacked, index, args, kwargs)
 
     def combine(self, adapters, weights, method: str = "svd", rank: int | None = None):
-        """Mix adapters into one: ``(adapter, config)`` (see :mod:`funclora.combine`)."""
+        """Mix adapters into one: ``(adapter, config)`` (see :mod:`funclora.combine`).
+
+        Args:
+            adapters: ``n`` adapters of this LoRA (a list, or a stacked adapter).
+            weights: ``n`` numbers.
+            method: ``"linear"`` (PEFT's formula, rank ``r``, inexact for ``n > 1``), ``"cat"``
+                (exact ``Σ wᵢ·ΔWᵢ``, rank ``n·r``) or ``"svd"`` (best rank-``rank`` approximation).
+            rank: the new rank for ``"svd"`` (default: each target's ``r``).
+
+        Returns:
+            ``(adapter, config)``; run it with ``fl.LoRA(model, config)``.
+
+        Example:
+        >>> import torch, funclora as fl
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> lora = fl.LoRA(model, fl.LoraConfig(target_modules=["0"], modules_to_save=["2"], r=2))
+        >>> a1, a2 = (lora.init(generator=torch.Generator().manual_seed(i)) for i in (1, 2))
+        >>> mixed, config = lora.combine([a1, a2], [0.7, 0.3], method="cat")
+        >>> config.r, tuple(mixed["0"]["lora_A"].shape)
+        (4, (4, 4))
+        """
         from .combine import combine
 
         return combine(self, adapters, weights, method=method, rank=rank)
 
     # --- merge --------------------------------------------------------------------------------
     def delta(self, adapter: Adapter) -> dict[str, torch.Tensor]:
-        """``{param name: s·ΔW}`` for each adapted weight, keyed like :meth:`merge`'s params."""
+        """``{param name: s·ΔW}`` for each adapted weight, keyed like :meth:`merge`'s params.
+
+        Each ``ΔW`` has its parameter's shape (``(out, in)`` for a Linear, the kernel's shape for
+        a conv). Saved modules and trained biases are not deltas: see :meth:`merge`.
+
+        Example:
+        >>> import torch, funclora as fl
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> lora = fl.LoRA(model, fl.LoraConfig(target_modules=["0"], modules_to_save=["2"], r=2))
+        >>> adapter = lora.init(generator=torch.Generator().manual_seed(0))
+        >>> {name: tuple(d.shape) for name, d in lora.delta(adapter).items()}
+        {'0.weight': (8, 4)}
+        """
         self.check(adapter)
         out = {}
         for path, t in self.plan.targets.items():
@@ -323,6 +429,17 @@ class LoRA:
 
         Running the model with these params (``functional_call(model, merged, x)``) equals
         ``lora(adapter, x)``. ``params`` defaults to the model's ``named_parameters()``.
+
+        Example:
+        >>> import torch, funclora as fl
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> lora = fl.LoRA(model, fl.LoraConfig(target_modules=["0"], modules_to_save=["2"], r=2))
+        >>> adapter = {p: {k: v + 0.1 for k, v in a.items()} for p, a in lora.init().items()}
+        >>> merged, x = lora.merge(adapter), torch.randn(3, 4)
+        >>> torch.allclose(torch.func.functional_call(model, merged, (x,)), lora(adapter, x), atol=1e-6)
+        True
+        >>> torch.allclose(lora.unmerge(merged, adapter)["0.weight"], model[0].weight, atol=1e-6)
+        True
         """
         base = dict(self.model.named_parameters()) if params is None else dict(params)
         merged = dict(base)
@@ -337,7 +454,17 @@ class LoRA:
         return merged
 
     def unmerge(self, merged: dict[str, torch.Tensor], adapter: Adapter) -> dict[str, torch.Tensor]:
-        """Undo :meth:`merge`: ``W = merged − s·ΔW``; saved modules and biases from the model."""
+        """Undo :meth:`merge`: ``W = merged − s·ΔW``; saved modules and biases from the model.
+
+        Example:
+        >>> import torch, funclora as fl
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> lora = fl.LoRA(model, fl.LoraConfig(target_modules=["0"], modules_to_save=["2"], r=2))
+        >>> adapter = {p: {k: v + 0.1 for k, v in a.items()} for p, a in lora.init().items()}
+        >>> params = lora.unmerge(lora.merge(adapter), adapter)
+        >>> all(torch.allclose(params[n], p, atol=1e-6) for n, p in model.named_parameters())
+        True
+        """
         params = dict(merged)
         deltas, replaced = self.delta(adapter), self._replaced(adapter)
         for name, d in deltas.items():
@@ -370,7 +497,15 @@ class LoRA:
 
     # --- counting -----------------------------------------------------------------------------
     def num_parameters(self, adapter: Adapter | None = None) -> tuple[int, int]:
-        """``(trainable, all)`` counted as PEFT does: saved modules count twice in ``all``."""
+        """``(trainable, all)`` counted as PEFT does: saved modules count twice in ``all``.
+
+        Example:
+        >>> import torch, funclora as fl
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> lora = fl.LoRA(model, fl.LoraConfig(target_modules=["0"], modules_to_save=["2"], r=2))
+        >>> lora.num_parameters()        # (2·4 + 8·2) + (2·8 + 2),  58 base + 42
+        (42, 100)
+        """
         sizes = self.shapes() if adapter is None else optree.tree_map(lambda t: tuple(t.shape), adapter,
                                                                        none_is_leaf=False)
         trainable = copies = 0
@@ -386,7 +521,15 @@ class LoRA:
         return trainable, base + copies
 
     def print_trainable_parameters(self, adapter: Adapter | None = None) -> None:
-        """Print ``trainable params: T || all params: N || trainable%: P`` exactly as PEFT."""
+        """Print ``trainable params: T || all params: N || trainable%: P`` exactly as PEFT.
+
+        Example:
+        >>> import torch, funclora as fl
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> lora = fl.LoRA(model, fl.LoraConfig(target_modules=["0"], modules_to_save=["2"], r=2))
+        >>> lora.print_trainable_parameters()
+        trainable params: 42 || all params: 100 || trainable%: 42.0000
+        """
         trainable, total = self.num_parameters(adapter)
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
               f"trainable%: {100 * trainable / total:.4f}")

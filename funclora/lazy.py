@@ -41,7 +41,23 @@ _STRICT = contextvars.ContextVar("funclora_strict", default=False)
 
 
 class MaterializationError(RuntimeError):
-    """Raised inside :func:`strict` when an op would form the dense ``W + s·B@A``."""
+    """Raised inside :func:`strict` when an op would form the dense ``W + s·B@A``.
+
+    Example:
+        >>> import torch, funclora as fl
+        >>> class TransposedLinear(torch.nn.Linear):      # uses its weight through ``.T``, not F.linear
+        ...     def forward(self, x):
+        ...         return x @ self.weight.T + self.bias
+        >>> lora = fl.LoRA(torch.nn.Sequential(TransposedLinear(4, 3)), fl.LoraConfig(target_modules=["0"], r=2))
+        >>> adapter, x = lora.init(), torch.randn(2, 4)
+        >>> lora(adapter, x).shape                         # works: W + s·B@A is formed for ``.T``
+        torch.Size([2, 3])
+        >>> with fl.strict():
+        ...     lora(adapter, x)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        funclora.lazy.MaterializationError: funclora.strict: ... on the LoRA weight of '0' would form the dense W + s·B@A; ...
+    """
 
 
 @contextlib.contextmanager
