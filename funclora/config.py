@@ -191,6 +191,18 @@ class LoraConfig:
         Rules given here win over :func:`funclora.register_rule` and the built-ins. A rule class
         (not an instance) is instantiated with no arguments, so the seed guide's
         ``config._register_custom_module({nn.LSTM: MyLoraLSTMLayer})`` works.
+
+        The mapping is not saved in ``adapter_config.json`` (as in PEFT): register it again on a
+        loaded config. A full LSTM rule is in :mod:`funclora.rules`.
+
+        Example:
+            >>> import torch, funclora as fl
+            >>> class Scaled(torch.nn.Linear):
+            ...     pass
+            >>> config = fl.LoraConfig(target_modules=["0"], r=2)
+            >>> config.register_custom_module({Scaled: fl.rules.LinearRule()})
+            >>> fl.LoRA(torch.nn.Sequential(Scaled(4, 3)), config).plan.targets["0"].rule
+            LinearRule()
         """
         from .rules import as_rule
 
@@ -205,7 +217,14 @@ class LoraConfig:
 
     # --- JSON ---------------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        """The config as PEFT writes it in ``adapter_config.json`` (JSON-ready values)."""
+        """The config as PEFT writes it in ``adapter_config.json`` (JSON-ready values).
+
+        Example:
+            >>> import funclora as fl
+            >>> d = fl.LoraConfig(target_modules=["q_proj", "v_proj"], r=16).to_dict()
+            >>> d["peft_type"], d["r"], d["target_modules"]
+            ('LORA', 16, ['q_proj', 'v_proj'])
+        """
         out = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -216,7 +235,13 @@ class LoraConfig:
         return out
 
     def to_json_string(self) -> str:
-        """``to_dict()`` as PEFT formats it (indent 2, sorted keys)."""
+        """``to_dict()`` as PEFT formats it (indent 2, sorted keys).
+
+        Example:
+            >>> import funclora as fl
+            >>> fl.LoraConfig(target_modules=["fc"]).to_json_string().splitlines()[0]
+            '{'
+        """
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
     @classmethod
@@ -224,6 +249,12 @@ class LoraConfig:
         """Build a config from a PEFT ``adapter_config.json`` dict.
 
         Keys this version does not know (newer PEFT fields) are ignored with one warning.
+
+        Example:
+            >>> import funclora as fl
+            >>> config = fl.LoraConfig.from_dict({"peft_type": "LORA", "r": 4, "target_modules": ["fc"]})
+            >>> config.r, config.lora_alpha, config.target_modules
+            (4, 8, ['fc'])
         """
         if not isinstance(data, dict):
             raise ValueError(f"LoraConfig.from_dict: {source} must hold a JSON object, found {type(data).__name__}.")
@@ -247,7 +278,16 @@ class LoraConfig:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, subfolder: str | None = None) -> "LoraConfig":
-        """Read ``adapter_config.json`` from a folder (PEFT's or funclora's)."""
+        """Read ``adapter_config.json`` from a folder (PEFT's or funclora's).
+
+        Example:
+            >>> import tempfile, torch, funclora as fl
+            >>> lora = fl.LoRA(torch.nn.Sequential(torch.nn.Linear(4, 2)), fl.LoraConfig(target_modules=["0"], r=2))
+            >>> with tempfile.TemporaryDirectory() as folder:
+            ...     fl.save_adapter(folder, lora.init(), lora=lora)
+            ...     fl.LoraConfig.from_pretrained(folder).r
+            2
+        """
         from .io import read_config
 
         folder = os.path.join(path, subfolder) if subfolder else path

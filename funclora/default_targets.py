@@ -39,7 +39,14 @@ DEFAULT_TARGETS: dict[str, list[str] | str] = {
 
 
 def default_targets(model) -> list[str] | str | None:
-    """The default ``target_modules`` for a transformers model, or None if its type is unknown."""
+    """The default ``target_modules`` for a transformers model, or None if its type is unknown.
+
+    Example:
+        >>> import types
+        >>> from funclora.default_targets import default_targets
+        >>> default_targets(types.SimpleNamespace(config=types.SimpleNamespace(model_type="mistral")))
+        ['q_proj', 'v_proj']
+    """
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     targets = DEFAULT_TARGETS.get(model_type)
     return list(targets) if isinstance(targets, list) else targets

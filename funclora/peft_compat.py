@@ -75,7 +75,15 @@ class PeftModel(nn.Module):
 
     @property
     def adapter(self) -> dict:
-        """The adapter pytree ``{path: {leaf: Parameter}}`` (live parameters, not copies)."""
+        """The adapter pytree ``{path: {leaf: Parameter}}`` (live parameters, not copies).
+
+        Example:
+        >>> import torch, funclora as fl
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> peft_model = fl.get_peft_model(model, fl.LoraConfig(target_modules=["0"], r=2))
+        >>> {path: {leaf: tuple(t.shape) for leaf, t in leaves.items()} for path, leaves in peft_model.adapter.items()}
+        {'0': {'lora_A': (2, 4), 'lora_B': (8, 2)}}
+        """
         out: dict = {}
         for path, leaf, name in self._leaves:
             out.setdefault(path, {})[leaf] = self.adapters.get_parameter(name)
@@ -83,18 +91,37 @@ class PeftModel(nn.Module):
 
     @property
     def base_model(self) -> nn.Module:
-        """The user's model (never mutated)."""
+        """The user's model (never mutated).
+
+        Example:
+        >>> import torch, funclora as fl
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> peft_model = fl.get_peft_model(model, fl.LoraConfig(target_modules=["0"], r=2))
+        >>> peft_model.base_model is model, type(model[0]).__name__
+        (True, 'Linear')
+        """
         return self._model
 
     def get_base_model(self) -> nn.Module:
+        """The user's model (PEFT's method; same as :attr:`base_model`)."""
         return self._model
 
     @property
     def targeted_module_names(self) -> list[str]:
+        """Module paths that carry LoRA (PEFT's attribute).
+
+        Example:
+        >>> import torch, funclora as fl
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> peft_model = fl.get_peft_model(model, fl.LoraConfig(target_modules=["0"], r=2))
+        >>> peft_model.targeted_module_names
+        ['0']
+        """
         return self.lora.targeted_module_names
 
     @property
     def targeted_parameter_names(self) -> list[str]:
+        """Parameter paths adapted through ``target_parameters`` (PEFT's attribute)."""
         return self.lora.targeted_parameter_names
 
     def forward(self, *args, **kwargs):
@@ -104,7 +131,19 @@ class PeftModel(nn.Module):
 
     @contextlib.contextmanager
     def disable_adapter(self):
-        """Within this context the forward is the base model's own."""
+        """Within this context the forward is the base model's own.
+
+        Example:
+        >>> import torch, funclora as fl
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> peft_model = fl.get_peft_model(model, fl.LoraConfig(target_modules=["0"], r=2))
+        >>> with torch.no_grad():
+        ...     _ = peft_model.adapter["0"]["lora_B"].fill_(0.5)   # a non-trivial adapter
+        >>> x = torch.randn(3, 4)
+        >>> with peft_model.disable_adapter():
+        ...     torch.equal(peft_model(x), model(x))
+        True
+        """
         self._disabled = True
         try:
             yield
@@ -112,20 +151,47 @@ class PeftModel(nn.Module):
             self._disabled = False
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """``(trainable, all)`` as PEFT counts them."""
+        """``(trainable, all)`` as PEFT counts them.
+
+        Example:
+        >>> import torch, funclora as fl
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> peft_model = fl.get_peft_model(model, fl.LoraConfig(target_modules=["0"], r=2))
+        >>> peft_model.get_nb_trainable_parameters()     # 2·4 + 8·2 LoRA; 58 base
+        (24, 82)
+        """
         trainable, total = self.lora.num_parameters()
         frozen = sum(p.numel() for p in self.parameters() if not p.requires_grad)
         return trainable - frozen, total
 
     def print_trainable_parameters(self) -> None:
-        """``trainable params: T || all params: N || trainable%: P``, exactly as PEFT prints it."""
+        """``trainable params: T || all params: N || trainable%: P``, exactly as PEFT prints it.
+
+        Example:
+        >>> import torch, funclora as fl
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> peft_model = fl.get_peft_model(model, fl.LoraConfig(target_modules=["0"], r=2))
+        >>> peft_model.print_trainable_parameters()
+        trainable params: 24 || all params: 82 || trainable%: 29.2683
+        """
         trainable, total = self.get_nb_trainable_parameters()
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
               f"trainable%: {100 * trainable / total:.4f}")
 
     @torch.no_grad()
     def merge_and_unload(self) -> nn.Module:
-        """A new model (a deep copy) with the adapter merged in; the user's model is untouched."""
+        """A new model (a deep copy) with the adapter merged in; the user's model is untouched.
+
+        Example:
+        >>> import torch, funclora as fl
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> peft_model = fl.get_peft_model(model, fl.LoraConfig(target_modules=["0"], r=2))
+        >>> with torch.no_grad():
+        ...     _ = peft_model.adapter["0"]["lora_B"].fill_(0.5)
+        >>> merged, x = peft_model.merge_and_unload(), torch.randn(3, 4)
+        >>> torch.allclose(merged(x), peft_model(x), atol=1e-6), merged is model
+        (True, False)
+        """
         merged = self.lora.merge(self.adapter)
         new = copy.deepcopy(self._model)
         # tied groups that merge spelled out (an adapted embedding / lm_head) are untied in the
@@ -143,7 +209,18 @@ class PeftModel(nn.Module):
         return new
 
     def save_pretrained(self, path: str | os.PathLike, **kwargs) -> None:
-        """Write PEFT's files (``adapter_model.safetensors``, ``adapter_config.json``)."""
+        """Write PEFT's files (``adapter_model.safetensors``, ``adapter_config.json``).
+
+        Example:
+        >>> import torch, funclora as fl
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> peft_model = fl.get_peft_model(model, fl.LoraConfig(target_modules=["0"], r=2))
+        >>> import os, tempfile
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     peft_model.save_pretrained(folder)
+        ...     sorted(os.listdir(folder))
+        ['adapter_config.json', 'adapter_model.safetensors']
+        """
         from .io import save_adapter
 
         save_adapter(path, _detached(self.adapter), lora=self.lora, adapter_name=self.adapter_name, **kwargs)
@@ -151,7 +228,22 @@ class PeftModel(nn.Module):
     @classmethod
     def from_pretrained(cls, model: nn.Module, path: str | os.PathLike, config: LoraConfig | None = None, *,
                         adapter_name: str = "default", is_trainable: bool = False, **kwargs) -> "PeftModel":
-        """Load a PEFT (or funclora) adapter folder onto ``model`` (which stays untouched)."""
+        """Load a PEFT (or funclora) adapter folder onto ``model`` (which stays untouched).
+
+        ``is_trainable=False`` (PEFT's default): the adapter is frozen and the façade in eval mode.
+
+        Example:
+        >>> import torch, funclora as fl
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> peft_model = fl.get_peft_model(model, fl.LoraConfig(target_modules=["0"], r=2))
+        >>> import tempfile
+        >>> x = torch.randn(3, 4)
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     peft_model.save_pretrained(folder)
+        ...     loaded = fl.PeftModel.from_pretrained(model, folder)
+        >>> torch.equal(loaded(x), peft_model(x)), loaded.targeted_module_names
+        (True, ['0'])
+        """
         from .io import load_adapter
 
         subfolder = kwargs.pop("subfolder", None)  # PEFT's way to pick a named adapter's folder

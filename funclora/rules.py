@@ -375,7 +375,13 @@ _USER: dict = {}
 
 
 def supported_types() -> list[str]:
-    """Names of the module types that have a rule (built-in and registered)."""
+    """Names of the module types that have a rule (built-in and registered).
+
+    Example:
+        >>> import funclora as fl
+        >>> fl.rules.supported_types()[:3]
+        ['torch.nn.Linear', 'torch.nn.Embedding', 'torch.nn.Conv1d']
+    """
     names = [f"torch.nn.{t.__name__}" if isinstance(t, type) else t for t in _BUILTIN]
     return names + [f"{t.__module__}.{t.__qualname__}" for t in _USER]
 
@@ -422,7 +428,13 @@ def unregister_rule(module_type: type) -> None:
 
 
 def find_rule(module: nn.Module, custom: dict | None = None) -> Rule | None:
-    """The rule for ``module``: config rules, then registered rules, then built-ins; or None."""
+    """The rule for ``module``: config rules, then registered rules, then built-ins; or None.
+
+    Example:
+        >>> import torch, funclora as fl
+        >>> fl.rules.find_rule(torch.nn.Conv2d(3, 8, 3)), fl.rules.find_rule(torch.nn.LSTM(4, 8))
+        (ConvRule(), None)
+    """
     for module_type, rule in (custom or {}).items():
         if isinstance(module, module_type):
             return rule

@@ -84,7 +84,15 @@ class RuleCheckError(ValueError):
 
 @dataclass
 class RuleReport:
-    """What :func:`check_rule` checked: ``checked`` laws held, ``skipped`` maps law → reason."""
+    """What :func:`check_rule` checked: ``checked`` laws held, ``skipped`` maps law → reason.
+
+    Example:
+        >>> import torch
+        >>> from funclora.testing import check_rule
+        >>> report = check_rule(lambda: torch.nn.Linear(4, 3))
+        >>> report.rule, len(report.checked), report.skipped
+        ('LinearRule()', 8, {})
+    """
 
     module: str
     rule: str
@@ -488,7 +496,14 @@ def _inputs(module, inputs, seed):
 
 def default_inputs(module: nn.Module, generator: torch.Generator | None = None) -> tuple:
     """Example forward arguments for the built-in module types and LSTM / GRU / RNN, or the
-    module's own ``example_inputs(generator)`` (a tuple) when it has one."""
+    module's own ``example_inputs(generator)`` (a tuple) when it has one.
+
+    Example:
+        >>> import torch
+        >>> from funclora.testing import default_inputs
+        >>> [tuple(x.shape) for x in default_inputs(torch.nn.Linear(4, 3))]
+        [(3, 4)]
+    """
     g = generator
     dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
 
@@ -534,6 +549,14 @@ def random_adapter(lora: LoRA, *, seed: int = 0, scale: float = 1.0) -> dict:
 
     Each leaf is N(0, 1) divided by the square root of its fan (the product of all but its
     first size), times ``scale``, so that ``s·ΔW`` is of the order of the weights.
+
+    Example:
+        >>> import torch, funclora as fl
+        >>> from funclora.testing import random_adapter
+        >>> lora = fl.LoRA(torch.nn.Sequential(torch.nn.Linear(4, 3)), fl.LoraConfig(target_modules=["0"], r=2))
+        >>> adapter = random_adapter(lora, seed=1)
+        >>> tuple(adapter["0"]["lora_B"].shape), bool(adapter["0"]["lora_B"].abs().min() > 0)
+        ((3, 2), True)
     """
     g = torch.Generator().manual_seed(seed)
     out = {}
