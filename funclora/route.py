@@ -40,7 +40,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from .errors import AdapterMismatchError
-from .lazy import _METADATA, _STRICT, MaterializationError
+from .lazy import _METADATA, _STRICT, MaterializationError, _plus
 from .ops import select
 from .rules import Conv1DRule, ConvRule, EmbeddingRule, LinearRule
 
@@ -132,7 +132,7 @@ def _linear(input, weight, bias=None):
     idx = _rows(input, parts)
     out = F.linear(input, parts.base, bias)
     y = _branch(input.reshape(idx.shape[0], -1, input.shape[-1]), parts.A, parts.B, idx, parts.scaling)
-    return out + y.reshape(out.shape).to(out.dtype)
+    return _plus(out, y.reshape(out.shape))
 
 
 def _addmm(input, mat1, mat2, *, beta=1, alpha=1, out=None):
@@ -142,8 +142,8 @@ def _addmm(input, mat1, mat2, *, beta=1, alpha=1, out=None):
     idx = _rows(mat1, parts, divisible=True)           # Conv1D flattens (n, T, in) to (n·T, in)
     res = torch.addmm(input, mat1, parts.base, beta=beta, alpha=alpha)
     y = _branch(mat1.reshape(idx.shape[0], -1, mat1.shape[-1]), parts.A, parts.B, idx, parts.scaling)
-    y = y.reshape(res.shape).to(res.dtype)
-    return res + (y if alpha == 1 else alpha * y)
+    y = y.reshape(res.shape)
+    return _plus(res, y if alpha == 1 else alpha * y)
 
 
 def _matmul(input, other, *, out=None):
@@ -153,7 +153,7 @@ def _matmul(input, other, *, out=None):
     idx = _rows(input, parts)
     res = torch.matmul(input, parts.base)
     y = _branch(input.reshape(idx.shape[0], -1, input.shape[-1]), parts.A, parts.B, idx, parts.scaling)
-    return res + y.reshape(res.shape).to(res.dtype)
+    return _plus(res, y.reshape(res.shape))
 
 
 def _embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0,
@@ -170,7 +170,7 @@ def _embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0,
         pad = padding_idx if padding_idx >= 0 else padding_idx + A.shape[-1]
         rows = torch.where((input == pad).unsqueeze(-1), rows.detach(), rows)
     y = _up(rows.reshape(n, -1, A.shape[1]), parts.B, idx, parts.scaling)
-    return out + y.reshape(out.shape).to(out.dtype)
+    return _plus(out, y.reshape(out.shape))
 
 
 def _make_conv(conv):
@@ -185,7 +185,7 @@ def _make_conv(conv):
         Bg = B.index_select(0, idx).reshape(n * B.shape[1], *B.shape[2:])
         h = conv(x, Ag, None, stride, padding, dilation, n)
         h = conv(h, Bg, None, 1, 0, 1, n * groups)
-        return out + (parts.scaling * h).reshape(out.shape).to(out.dtype)
+        return _plus(out, (parts.scaling * h).reshape(out.shape))
 
     return _conv
 
