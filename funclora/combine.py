@@ -24,7 +24,8 @@ by two QR decompositions and an SVD of an ``(n·r) × (n·r)`` core, which gives
 triplets as ``torch.linalg.svd(D)``.
 
 modules_to_save and trained biases (dense parameters) are mixed as task vectors:
-``θ = θ_base + Σ w_i (θ_i − θ_base)`` (PEFT's combined adapter starts from the base module).
+``θ = θ_base + Σ w_i (θ_i − θ_base)`` (PEFT 0.21 refuses: "Cannot add weighted adapters if they
+target the same module with modules_to_save").
 """
 
 from __future__ import annotations
