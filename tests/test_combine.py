@@ -322,3 +322,26 @@ def test_combined_adapter_saves_in_peft_format_and_loads_in_peft(tmp_path):
     torch.testing.assert_close(pm(x), new(mixed, x), atol=1e-5, rtol=1e-5)
     loaded, loaded_config = fl.load_adapter(tmp_path, model=model)
     torch.testing.assert_close(fl.LoRA(model, loaded_config)(loaded, x), new(mixed, x), atol=1e-6, rtol=1e-6)
+
+
+def test_conv1d_and_embedding_of_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(5)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=30, n_positions=8,
+                                       bos_token_id=0, eos_token_id=0)).eval()
+    lora = fl.LoRA(model, fl.LoraConfig(target_modules=["c_attn", "c_fc", "wte"], r=2, lora_alpha=4,
+                                        init_lora_weights=False))
+    adapters = _adapters(lora, 2)
+    want = _want(lora, adapters, [0.5, -1.5])
+    for method, rank in (("cat", None), ("svd", 4)):
+        mixed, config = lora.combine(adapters, [0.5, -1.5], method=method, rank=rank)
+        got = fl.LoRA(model, config).delta(mixed)
+        for k in want:                                      # Conv1D deltas are stored (in, out)
+            torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=1e-5)
+    ids = torch.randint(0, 30, (2, 5))
+    new = fl.LoRA(model, config)
+    params = dict(model.named_parameters())
+    params.update({k: params[k] + d for k, d in want.items()})
+    ref = torch.func.functional_call(model, params, (ids,), {"use_cache": False}, tie_weights=False).logits
+    torch.testing.assert_close(new(mixed, ids, use_cache=False).logits, ref, atol=1e-4, rtol=1e-4)
