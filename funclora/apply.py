@@ -252,7 +252,9 @@ class LoRA:
         """``model(*args, **kwargs)`` with ``adapter`` applied; base params read from the model.
 
         The model is not changed. Gradients flow to the adapter's tensors (``.backward()`` or
-        ``torch.func.grad``); ``torch.func.vmap(lora, in_dims=(0, None))`` runs a stacked adapter.
+        ``torch.func.grad``) and never to the model's own parameters, which are read as constants
+        (detached), as if frozen; to differentiate w.r.t. base weights too, pass them to
+        :meth:`apply`. ``torch.func.vmap(lora, in_dims=(0, None))`` runs a stacked adapter.
 
         Example:
         >>> import torch, funclora as fl
@@ -301,8 +303,14 @@ class LoRA:
             return self._call(params, adapter, args, kwargs)
 
     def _call(self, params, adapter, args, kwargs):
-        tensors = {} if params is None else self._untie(params)
-        tensors.update(self._overlay(adapter, tensors if params is not None else None))
+        if params is not None:
+            tensors = self._untie(params)
+            tensors.update(self._overlay(adapter, tensors))
+        else:  # base weights read from the model are constants: gradients reach only the adapter
+            frozen = torch.is_grad_enabled()
+            tensors = {n: p.detach() for n, p in self.model.named_parameters(remove_duplicate=False)
+                       if p.requires_grad} if frozen else {}
+            tensors.update(self._overlay(adapter, None, detach=frozen))
         if self.model.training:
             tensors.update({n: b.clone() for n, b in self.model.named_buffers()})
         try:
@@ -332,10 +340,12 @@ class LoRA:
             raise AdapterMismatchError(f"LoRA: the params dict has no entry {name!r} needed by a target; "
                                        "pass the model's full named_parameters().") from None
 
-    def _overlay(self, adapter: Adapter, params) -> dict[str, torch.Tensor]:
+    def _overlay(self, adapter: Adapter, params, detach: bool = False) -> dict[str, torch.Tensor]:
         out = {}
         for path, t in self.plan.targets.items():
             base = {n: self._base(full, params) for n, full in self._base_names[path]}
+            if detach:
+                base = {n: w.detach() for n, w in base.items()}
             dropout = t.dropout if t.module.training else 0.0
             for n, v in t.rule.overlay(t.module, base, adapter[path], t.scaling, dropout=dropout, path=path).items():
                 out[f"{t.module_path}.{n}"] = v

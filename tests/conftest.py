@@ -37,6 +37,7 @@ def snapshot(model):
         "hooks": {n: (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
                   for n, m in model.named_modules()},
         "ids": {n: id(p) for n, p in model.named_parameters()},
+        "grads": {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()},
     }
 
 
@@ -46,6 +47,8 @@ def assert_unchanged(before, model):
     assert before["modes"] == after["modes"]
     assert before["hooks"] == after["hooks"]
     assert before["ids"] == after["ids"]
+    for n, g in before["grads"].items():
+        assert (g is None) == (after["grads"][n] is None) and (g is None or torch.equal(g, after["grads"][n])), n
     for n, (p, rg) in before["params"].items():
         assert torch.equal(p, after["params"][n][0]), n
         assert rg == after["params"][n][1], n

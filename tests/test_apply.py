@@ -194,3 +194,15 @@ def test_print_trainable_parameters_format(capsys):
     lora = fl.LoRA(nn.Sequential(nn.Linear(20, 30)), fl.LoraConfig(target_modules=["0"]))
     lora.print_trainable_parameters()
     assert capsys.readouterr().out == "trainable params: 400 || all params: 1,030 || trainable%: 38.8350\n"
+
+
+def test_backward_reaches_only_the_adapter_but_apply_can_differentiate_base_weights():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+    lora = fl.LoRA(model, fl.LoraConfig(target_modules=["0"]))
+    adapter = {p: {k: v.requires_grad_() for k, v in d.items()} for p, d in random_adapter(lora).items()}
+    lora(adapter, torch.randn(3, 4)).sum().backward()
+    assert all(p.grad is None for p in model.parameters())
+    assert adapter["0"]["lora_B"].grad is not None
+    params = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
+    lora.apply(params, adapter, torch.randn(3, 4)).sum().backward()
+    assert params["0.weight"].grad is not None and params["2.weight"].grad is not None
