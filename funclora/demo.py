@@ -128,8 +128,11 @@ def _evaluate(lora, adapter, X, y, loss_fn):
 def _progress(steps: int, enabled: bool):
     if not enabled:
         return range(steps)
-    from tqdm import tqdm
-
+    try:
+        from tqdm import tqdm
+    except ImportError:  # tqdm comes with the test extra: pip install -e ".[test]"
+        print(f"training {steps} steps (pip install tqdm for a progress bar)")
+        return range(steps)
     return tqdm(range(steps), desc="training", unit="step", dynamic_ncols=True)
 
 
@@ -193,9 +196,9 @@ def main(argv: list[str] | None = None) -> dict:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        if args.progress:
+        if hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{loss.item():.4f}")
-    if args.progress:
+    if hasattr(bar, "close"):
         bar.close()
     seconds = time.perf_counter() - start
     adapter = {p: {k: v.detach() for k, v in leaves.items()} for p, leaves in adapter.items()}

@@ -32,6 +32,13 @@ def test_demo_shows_a_progress_bar(capsys, tmp_path):
     assert "training" in err and "3/3" in err and "loss=" in err
 
 
+def test_demo_runs_without_tqdm(capsys, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # `import tqdm` raises ImportError
+    result = main(["--steps", "2", "--hidden", "16", "--out", str(tmp_path)])
+    assert "training 2 steps (pip install tqdm for a progress bar)" in capsys.readouterr().out
+    assert result["reload_matches"]
+
+
 def test_demo_default_folder_is_a_new_temporary_one(capsys):
     result = main(["--steps", "1", "--hidden", "16", "--no-progress"])
     try:
