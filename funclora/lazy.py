@@ -235,19 +235,41 @@ def _make_conv(conv):
     return _conv
 
 
-# func -> (name of the weight argument, its position, the factored implementation, layouts it serves)
-_FACTORED = {
-    F.linear: ("weight", 1, _linear, ("linear",)),
-    torch.addmm: ("mat2", 2, _addmm, ("conv1d_t",)),
-    torch.Tensor.addmm: ("mat2", 2, _addmm, ("conv1d_t",)),
-    torch.matmul: ("other", 1, _matmul, ("conv1d_t",)),
-    torch.Tensor.matmul: ("other", 1, _matmul, ("conv1d_t",)),
-    torch.Tensor.__matmul__: ("other", 1, _matmul, ("conv1d_t",)),
-    F.embedding: ("weight", 1, _embedding, ("embedding",)),
-    F.conv1d: ("weight", 1, _make_conv(F.conv1d), ("conv",)),
-    F.conv2d: ("weight", 1, _make_conv(F.conv2d), ("conv",)),
-    F.conv3d: ("weight", 1, _make_conv(F.conv3d), ("conv",)),
+# op -> (name of its weight argument, that argument's position, the weight layout it computes)
+WEIGHT_OPS = {
+    F.linear: ("weight", 1, "linear"),
+    torch.addmm: ("mat2", 2, "conv1d_t"),
+    torch.Tensor.addmm: ("mat2", 2, "conv1d_t"),
+    torch.matmul: ("other", 1, "conv1d_t"),
+    torch.Tensor.matmul: ("other", 1, "conv1d_t"),
+    torch.Tensor.__matmul__: ("other", 1, "conv1d_t"),
+    F.embedding: ("weight", 1, "embedding"),
+    F.conv1d: ("weight", 1, "conv"),
+    F.conv2d: ("weight", 1, "conv"),
+    F.conv3d: ("weight", 1, "conv"),
 }
+
+
+def op_table(linear, addmm, matmul, embedding, make_conv) -> dict:
+    """``{op: implementation}`` for every op of :data:`WEIGHT_OPS` (shared with ``route``)."""
+    impls = {"linear": linear, "addmm": addmm, "matmul": matmul, "embedding": embedding}
+    return {func: make_conv(func) if name.startswith("conv") else impls[name]
+            for func, name in ((f, f.__name__.strip("_")) for f in WEIGHT_OPS)}
+
+
+def factored_weight(func, args, kwargs, cls, attr: str) -> bool:
+    """Whether ``func`` is a weight op whose weight argument is the only ``cls`` among ``args``
+    and carries (in ``attr``) the layout the op computes."""
+    entry = WEIGHT_OPS.get(func)
+    if entry is None:
+        return False
+    name, pos, layout = entry
+    weight = kwargs.get(name, args[pos] if len(args) > pos else None)
+    return (isinstance(weight, cls) and getattr(weight, attr).layout == layout
+            and not any(isinstance(a, cls) for i, a in enumerate(args) if i != pos))
+
+
+_FACTORED = op_table(_linear, _addmm, _matmul, _embedding, _make_conv)
 
 # Reads that never depend on the values, answered by W itself.
 _METADATA = {
@@ -291,14 +313,8 @@ class LoraWeight(torch.Tensor):
         with torch._C.DisableTorchFunctionSubclass():
             if func in _METADATA:
                 return func(*_plain(args), **kwargs)
-            entry = _FACTORED.get(func)
-            if entry is not None:
-                name, pos, impl, layouts = entry
-                weight = kwargs.get(name, args[pos] if len(args) > pos else None)
-                if isinstance(weight, LoraWeight) and weight._lora.layout in layouts and not any(
-                    isinstance(a, LoraWeight) for i, a in enumerate(args) if i != pos
-                ):
-                    return impl(*args, **kwargs)
+            if factored_weight(func, args, kwargs, LoraWeight, "_lora"):
+                return _FACTORED[func](*args, **kwargs)
             what = getattr(func, "__name__", repr(func))
             return func(*_unwrap(args, what), **_unwrap(kwargs, what))
 

@@ -40,7 +40,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from .errors import AdapterMismatchError
-from .lazy import _METADATA, _STRICT, MaterializationError, _plus
+from .lazy import _METADATA, _STRICT, MaterializationError, _plus, factored_weight, op_table
 from .ops import select
 from .rules import Conv1DRule, ConvRule, EmbeddingRule, LinearRule
 
@@ -190,18 +190,7 @@ def _make_conv(conv):
     return _conv
 
 
-_ROUTED = {
-    F.linear: ("weight", 1, _linear, ("linear",)),
-    torch.addmm: ("mat2", 2, _addmm, ("conv1d_t",)),
-    torch.Tensor.addmm: ("mat2", 2, _addmm, ("conv1d_t",)),
-    torch.matmul: ("other", 1, _matmul, ("conv1d_t",)),
-    torch.Tensor.matmul: ("other", 1, _matmul, ("conv1d_t",)),
-    torch.Tensor.__matmul__: ("other", 1, _matmul, ("conv1d_t",)),
-    F.embedding: ("weight", 1, _embedding, ("embedding",)),
-    F.conv1d: ("weight", 1, _make_conv(F.conv1d), ("conv",)),
-    F.conv2d: ("weight", 1, _make_conv(F.conv2d), ("conv",)),
-    F.conv3d: ("weight", 1, _make_conv(F.conv3d), ("conv",)),
-}
+_ROUTED = op_table(_linear, _addmm, _matmul, _embedding, _make_conv)
 
 
 class RoutedWeight(torch.Tensor):
@@ -219,14 +208,8 @@ class RoutedWeight(torch.Tensor):
         with torch._C.DisableTorchFunctionSubclass():
             if func in _METADATA:
                 return func(*(a._route.base if isinstance(a, RoutedWeight) else a for a in args), **kwargs)
-            entry = _ROUTED.get(func)
-            if entry is not None:
-                name, pos, impl, layouts = entry
-                weight = kwargs.get(name, args[pos] if len(args) > pos else None)
-                if isinstance(weight, RoutedWeight) and weight._route.layout in layouts and not any(
-                    isinstance(a, RoutedWeight) for i, a in enumerate(args) if i != pos
-                ):
-                    return impl(*args, **kwargs)
+            if factored_weight(func, args, kwargs, RoutedWeight, "_route"):
+                return _ROUTED[func](*args, **kwargs)
             paths = [a._route.path for a in args if isinstance(a, RoutedWeight)]
             raise _NotRoutable(f"{getattr(func, '__name__', func)} on the weight of {paths or 'a target'}")
 
