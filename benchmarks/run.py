@@ -81,6 +81,7 @@ class Workload:
     batch: Callable[[torch.device], tuple]  # (args, kwargs, target)
     loss: Callable[[Any, Any], torch.Tensor]
     dtype: torch.dtype = torch.float32
+    factors_in_base_dtype: bool = False     # funclora init(dtype="base"), PEFT autocast_adapter_dtype=False
     metrics: tuple = ("train", "train_func_grad", "infer", "merged", "memory", "compile")
     note: str = ""
 
@@ -135,7 +136,7 @@ def _tokens(batch, seq, vocab):
     return data
 
 
-def _llama(hidden, layers, seq, batch, vocab, dtype, all_linear=False) -> Workload:
+def _llama(hidden, layers, seq, batch, vocab, dtype, all_linear=False, base_dtype_factors=False) -> Workload:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     heads = max(4, hidden // 128)
@@ -152,11 +153,17 @@ def _llama(hidden, layers, seq, batch, vocab, dtype, all_linear=False) -> Worklo
             "llama_all_linear", "all 7 projections"
     else:
         targets, name, what = ["q_proj", "v_proj"], "llama", "q_proj/v_proj (PEFT's default for llama)"
+    factors = ""
+    if base_dtype_factors:
+        name, factors = f"{name}_{str(dtype).removeprefix('torch.')}_factors", (
+            f", factors in {str(dtype).removeprefix('torch.')} too (funclora init(dtype='base'), "
+            "PEFT autocast_adapter_dtype=False)")
     return Workload(name, build, dict(target_modules=targets, r=16, lora_alpha=32), _tokens(batch, seq, vocab),
-                    _lm_loss, dtype=dtype,
-                    metrics=("train", "infer", "memory") if all_linear else Workload.metrics,
+                    _lm_loss, dtype=dtype, factors_in_base_dtype=base_dtype_factors,
+                    metrics=("train", "infer", "memory") if all_linear or base_dtype_factors else Workload.metrics,
                     note=f"Llama-like: hidden {hidden}, {layers} layers, inter {inter}, vocab {vocab}, "
-                         f"seq {seq}, batch {batch}, {str(dtype).removeprefix('torch.')}, LoRA r=16 on {what}")
+                         f"seq {seq}, batch {batch}, {str(dtype).removeprefix('torch.')}, LoRA r=16 on {what}"
+                         + factors)
 
 
 def _gpt2(hidden, layers, seq, batch, vocab) -> Workload:
@@ -204,7 +211,10 @@ def workloads(device: str, quick: bool, dtype: str) -> list[Workload]:
         gpt2 = _gpt2(256, 4, 128, 8, 8192)
     llama, llama_all = _llama(*shape), _llama(*shape, all_linear=True)
     if cuda:  # the GPU targets are on the Llama-like model: measure it first, while the budget is fresh
-        return [llama, _tiny(), _mlp(64), _mlp(1024), gpt2, pool, llama_all]
+        out = [llama, _tiny(), _mlp(64), _mlp(1024), gpt2, pool, llama_all]
+        if lm_dtype != torch.float32:  # also with half-precision factors: the branch then runs on tensor cores
+            out.insert(1, _llama(*shape, base_dtype_factors=True))
+        return out
     out = [_tiny(), _mlp(64), _mlp(1024), pool, llama, llama_all, gpt2]
     if quick:  # compile and the memory subprocesses only where they are cheap
         for w in out:
@@ -239,7 +249,7 @@ def build_model(wl: Workload, device) -> nn.Module:
 def build_funclora(wl: Workload, model: nn.Module, device):
     """``(lora, adapter)`` with random non-zero factors (B is not left at zero)."""
     lora = fl.LoRA(model, fl.LoraConfig(**wl.lora))
-    adapter = lora.init()
+    adapter = lora.init(dtype="base" if wl.factors_in_base_dtype else None)
     g = torch.Generator(device=device).manual_seed(1)
     for leaves in adapter.values():
         for leaf, t in leaves.items():
@@ -251,7 +261,8 @@ def build_funclora(wl: Workload, model: nn.Module, device):
 def build_peft(wl: Workload, model: nn.Module, adapter) -> nn.Module:
     import peft
 
-    peft_model = peft.get_peft_model(model, peft.LoraConfig(**wl.lora))
+    peft_model = peft.get_peft_model(model, peft.LoraConfig(**wl.lora),
+                                     autocast_adapter_dtype=not wl.factors_in_base_dtype)
     params = dict(peft_model.named_parameters())
     with torch.no_grad():
         for path, leaves in adapter.items():
@@ -310,6 +321,14 @@ class Timer:
         for fn in fns.values():
             for _ in range(self.warmup):
                 fn()
+        gc.collect()  # once (a full collection takes ~0.25 s with torch + transformers loaded) ...
+        gc.disable()  # ... and no cyclic-GC pause inside the timed rounds
+        try:
+            return self._rounds(fns)
+        finally:
+            gc.enable()
+
+    def _rounds(self, fns):
         counts = {}
         for name, fn in fns.items():
             self.sync()
@@ -323,17 +342,12 @@ class Timer:
         for r in range(self.rounds):
             for name in names if r % 2 == 0 else names[::-1]:
                 fn, k = fns[name], counts[name]
-                gc.collect()
-                gc.disable()  # no cyclic-GC pause inside a timed round
-                try:
-                    self.sync()
-                    start = time.perf_counter()
-                    for _ in range(k):
-                        fn()
-                    self.sync()
-                    samples[name].append((time.perf_counter() - start) / k)
-                finally:
-                    gc.enable()
+                self.sync()
+                start = time.perf_counter()
+                for _ in range(k):
+                    fn()
+                self.sync()
+                samples[name].append((time.perf_counter() - start) / k)
         return {n: statistics.median(s) for n, s in samples.items()}
 
 
@@ -682,8 +696,8 @@ def main(argv=None):
         return cpu_peak_child(args)
 
     cuda = args.device.startswith("cuda")
-    rounds = args.rounds or (4 if args.quick else 7 if cuda else 9)
-    round_s = (args.round_ms or (25 if args.quick else 50 if cuda else 120)) / 1e3
+    rounds = args.rounds or (5 if args.quick else 9 if cuda else 15)
+    round_s = (args.round_ms or (40 if args.quick else 60 if cuda else 120)) / 1e3
     timer = Timer(args.device, rounds, round_s, warmup=2)
     budget = Budget(args.budget_s or math.inf,
                     args.compile_until_s or (0.6 * args.budget_s if args.budget_s else math.inf))

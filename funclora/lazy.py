@@ -175,16 +175,21 @@ def _plus(out: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
 def _add_product(out: torch.Tensor, h: torch.Tensor, B: torch.Tensor, s) -> torch.Tensor:
     """``out + s·h@Bᵀ`` for ``out (..., out)``, ``h (..., r)``, ``B (out, r)``.
 
-    One in-place ``addmm_`` when ``out`` may be updated in place, has the factors' dtype and is 2-D
-    (or nothing needs gradients, so a 2-D view of it will do); else ``_plus(out, (s·h)@Bᵀ)``.
+    When ``out`` has the factors' dtype this is one fused ``addmm``: in place on ``out`` when
+    that is allowed and ``out`` is 2-D or nothing needs gradients (then on a 2-D view), else out
+    of place. Otherwise (fp32 factors over a bf16 base), and while torch.compile traces (inductor
+    fuses the plain ops), ``_plus(out, (s·h)@Bᵀ)``.
     """
-    if out.dtype == h.dtype and _in_place(out):
-        if out.dim() == 2 and h.dim() == 2:
-            return out.addmm_(h, B.t(), alpha=s)
-        if out.is_contiguous() and not (out.requires_grad or h.requires_grad or B.requires_grad):
-            out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), B.t(), alpha=s)
-            return out
-    return _plus(out, F.linear(_scaled(h, s), B))
+    if out.dtype != h.dtype or torch.compiler.is_compiling():
+        return _plus(out, F.linear(_scaled(h, s), B))
+    if out.dim() == 2 and h.dim() == 2:
+        return out.addmm_(h, B.t(), alpha=s) if _in_place(out) else torch.addmm(out, h, B.t(), alpha=s)
+    if (_in_place(out) and out.is_contiguous()
+            and not (out.requires_grad or h.requires_grad or B.requires_grad)):
+        out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), B.t(), alpha=s)
+        return out
+    flat = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), B.t(), alpha=s)
+    return flat.view(out.shape)
 
 
 def _lora_a(x: torch.Tensor, parts: LoraParts) -> torch.Tensor:
