@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One-shot GPU benchmark: funclora vs PEFT on CUDA, full mode, in well under 8 minutes.
 #
-# Run from the repository root with funclora importable (nothing is installed here):
-#     export PYTHONPATH=$PWD; bash benchmarks/gpu.sh
+# Run with python3 that has torch, peft, transformers, timm and optree (nothing is installed here):
+#     bash benchmarks/gpu.sh          (funclora is imported from this checkout)
 # Results go to "$OUT/" when OUT is set, else to benchmarks/results/:
 #     gpu.json, gpu.txt              benchmarks/run.py --device cuda (rows + the printed table)
 #     multi_adapter_gpu.json, .txt   benchmarks/multi_adapter.py --device cuda --dtype bfloat16
@@ -12,6 +12,7 @@
 set -u
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"   # funclora from this checkout
 OUTDIR="${OUT:-benchmarks/results}"
 mkdir -p "$OUTDIR"
 PY=python3
