@@ -459,7 +459,7 @@ class LoRA:
                 merged.setdefault(name, self._base(name, base))
         for name, d in deltas.items():
             w = self._base(name, base)
-            merged[name] = w + d.to(w.dtype)
+            merged[name] = (w + d).to(w.dtype)  # one rounding into the base dtype
         merged.update(replaced)
         return merged
 
@@ -479,7 +479,7 @@ class LoRA:
         deltas, replaced = self.delta(adapter), self._replaced(adapter)
         for name, d in deltas.items():
             w = self._base(name, merged)
-            params[name] = w - d.to(w.dtype)
+            params[name] = (w - d).to(w.dtype)
         for name in replaced:
             params[name] = self.model.get_parameter(name)
         for canonical, names in self._tied_groups(list(deltas) + list(replaced)).items():

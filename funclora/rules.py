@@ -162,7 +162,7 @@ class Rule:
     def overlay(self, module, params, factors, scaling, *, dropout=0.0, path=""):
         """What the forward uses instead of ``params``: ``{name: W + ΔW}`` by default."""
         return {
-            name: params[name] + d.to(params[name].dtype)
+            name: (params[name] + d).to(params[name].dtype)
             for name, d in self.delta(module, factors, scaling).items()
         }
 
