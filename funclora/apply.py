@@ -111,12 +111,10 @@ class LoRA:
             self._specs.setdefault(path, {})["bias"] = tuple(model.get_submodule(path).bias.shape)
         # recurrent modules: PyTorch cannot vmap them (no batching rule for aten::lstm & co.)
         self._rnn_paths = [n or "<root>" for n, m in model.named_modules() if isinstance(m, nn.RNNBase)]
-        # hot-path caches (the plan is fixed): each target's base-parameter names and the module that
-        # owns each, the expected leaf shapes, and every module's class (FSDP2's fully_shard swaps a
+        # hot-path caches (the plan is fixed): each target's base-parameter names, the expected leaf shapes, and every module's class (FSDP2's fully_shard swaps a
         # module's class, so comparing classes is a cheap test for "sharded since init")
         self._base_names = {path: tuple((n, f"{t.module_path}.{n}") for n in self._updated[path])
                             for path, t in self.plan.targets.items()}
-        self._owners = {full: _owner(model, full) for names in self._base_names.values() for _, full in names}
         self._want = {path: tuple((leaf, tuple(s.shape) if isinstance(s, Factor) else s) for leaf, s in leaves.items())
                       for path, leaves in self._specs.items()}
         self._classes = [(m, type(m)) for m in model.modules()]
@@ -126,6 +124,8 @@ class LoRA:
         self._alias: dict[str, str] = {}
         for name, p in model.named_parameters(remove_duplicate=False):
             self._alias[name] = first.setdefault(id(p), name)
+        # every parameter name (tied twins included) -> (module that owns it, attribute name)
+        self._owners = {name: _owner(model, name) for name in self._alias}
 
     # --- what is targeted ---------------------------------------------------------------------
     @property
@@ -308,8 +308,12 @@ class LoRA:
             tensors.update(self._overlay(adapter, tensors))
         else:  # base weights read from the model are constants: gradients reach only the adapter
             frozen = torch.is_grad_enabled()
-            tensors = {n: p.detach() for n, p in self.model.named_parameters(remove_duplicate=False)
-                       if p.requires_grad} if frozen else {}
+            tensors = {}
+            if frozen:  # read through the cached owners: no module-tree walk per call
+                for name, (owner, leaf) in self._owners.items():
+                    p = owner._parameters.get(leaf)
+                    if p is not None and p.requires_grad:
+                        tensors[name] = p.detach()
             tensors.update(self._overlay(adapter, None, detach=frozen))
         if self.model.training:
             tensors.update({n: b.clone() for n, b in self.model.named_buffers()})
