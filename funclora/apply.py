@@ -35,15 +35,17 @@ from __future__ import annotations
 
 import contextlib
 import re
+from typing import NamedTuple
 
 import optree
 import torch
 from torch import nn
 
 from .config import LoraConfig
-from .distributed import fsdp_units, sharded_forward
+from .distributed import fsdp_units, fully_shard_used, sharded_forward
 from .errors import AdapterMismatchError
-from .rules import Factor, init_factor
+from .lazy import LoraParts, lora_weight
+from .rules import Factor, _FactoredRule, init_factor
 from .targeting import Plan, make_plan
 
 __all__ = ["LoRA"]
@@ -111,14 +113,11 @@ class LoRA:
             self._specs.setdefault(path, {})["bias"] = tuple(model.get_submodule(path).bias.shape)
         # recurrent modules: PyTorch cannot vmap them (no batching rule for aten::lstm & co.)
         self._rnn_paths = [n or "<root>" for n, m in model.named_modules() if isinstance(m, nn.RNNBase)]
-        # hot-path caches (the plan is fixed): each target's base-parameter names, the expected leaf shapes, and every module's class (FSDP2's fully_shard swaps a
-        # module's class, so comparing classes is a cheap test for "sharded since init")
+        # hot-path caches (the plan is fixed): each target's base-parameter names, the expected leaf shapes
         self._base_names = {path: tuple((n, f"{t.module_path}.{n}") for n in self._updated[path])
                             for path, t in self.plan.targets.items()}
         self._want = {path: tuple((leaf, tuple(s.shape) if isinstance(s, Factor) else s) for leaf, s in leaves.items())
                       for path, leaves in self._specs.items()}
-        self._classes = [(m, type(m)) for m in model.modules()]
-        self._sharded_at_init = bool(fsdp_units(model))
         # parameter name -> the name ``named_parameters()`` lists it under (tied weights)
         first: dict[int, str] = {}
         self._alias: dict[str, str] = {}
@@ -126,6 +125,23 @@ class LoRA:
             self._alias[name] = first.setdefault(id(p), name)
         # every parameter name (tied twins included) -> (module that owns it, attribute name)
         self._owners = {name: _owner(model, name) for name in self._alias}
+        # every parameter and buffer name -> (the owner's _parameters / _buffers dict, attribute):
+        # where the eager forward swaps the overlay in (see _swapped_call)
+        self._slots = {name: (owner._parameters, leaf) for name, (owner, leaf) in self._owners.items()
+                       if owner is not None}
+        for name, _ in model.named_buffers(remove_duplicate=False):
+            owner, leaf = _owner(model, name)
+            self._slots[name] = (owner._buffers, leaf)
+        # names of a module reachable under several paths: later names share the first one's slot,
+        # so the forward must not set them (they would overwrite the overlay set under the first)
+        first_name: dict[tuple[int, str], str] = {}
+        self._slot_twins = {name: first for name, (store, leaf) in self._slots.items()
+                            if (first := first_name.setdefault((id(store), leaf), name)) != name}
+        # targets whose weight becomes a lazy LoraWeight, with what the per-call overlay needs
+        self._lazy = {path: _LazyTarget(f"{t.module_path}.weight", *t.rule.names, t.scaling, t.rule.layout,
+                                        t.dropout, getattr(t.module, "groups", 1), t.module)
+                      for path, t in self.plan.targets.items()
+                      if _builds_lora_weight(t.rule) and f"{t.module_path}.weight" in self._slots}
 
     # --- what is targeted ---------------------------------------------------------------------
     @property
@@ -242,9 +258,12 @@ class LoRA:
             given = adapter[path]
             if not isinstance(given, dict) or given.keys() != specs[path].keys():
                 return False
-            for leaf, shape in want:
-                if getattr(given[leaf], "shape", None) != shape:
-                    return False
+            try:
+                for leaf, shape in want:
+                    if given[leaf].shape != shape:
+                        return False
+            except AttributeError:  # not a tensor
+                return False
         return True
 
     # --- forward ------------------------------------------------------------------------------
@@ -293,7 +312,7 @@ class LoRA:
                 "DisableTorchFunction), so the LoRA weights would silently act as the plain base "
                 "weights. Call the LoRA forward outside that context.")
         self.check(adapter)
-        if self._sharded_at_init or any(type(m) is not c for m, c in self._classes):
+        if fully_shard_used():
             units = fsdp_units(self.model)
             if units:  # FSDP2-sharded base: the overlay goes onto each unit's all-gathered weights
                 return sharded_forward(self, params, adapter, args, kwargs, training, units)
@@ -317,12 +336,36 @@ class LoRA:
             tensors.update(self._overlay(adapter, None, detach=frozen))
         if self.model.training:
             tensors.update({n: b.clone() for n, b in self.model.named_buffers()})
+        for name in self._slot_twins:
+            tensors.pop(name, None)
         try:
-            return torch.func.functional_call(self.model, tensors, args, kwargs, tie_weights=False, strict=False)
+            if torch.compiler.is_compiling():
+                return torch.func.functional_call(self.model, tensors, args, kwargs, tie_weights=False, strict=False)
+            return self._swapped_call(tensors, args, kwargs)
         except RuntimeError as e:
             if self._rnn_paths and _NO_RNN_BATCHING.search(str(e)):
                 raise _rnn_vmap_error(self.model, self._rnn_paths, str(e)) from None
             raise
+
+    def _swapped_call(self, tensors: dict[str, torch.Tensor], args, kwargs):
+        """``functional_call(model, tensors, args, kwargs, tie_weights=False)``, lean, for eager mode.
+
+        Each tensor is set in its owner's ``_parameters`` / ``_buffers`` dict (as torch's swap
+        does) and the originals go back afterwards, in reverse order, also on exceptions.
+        """
+        slots = self._slots
+        if not tensors.keys() <= slots.keys():  # a name that is not a plain parameter or buffer
+            return torch.func.functional_call(self.model, tensors, args, kwargs, tie_weights=False, strict=False)
+        saved = []
+        try:
+            for name, tensor in tensors.items():
+                store, leaf = slots[name]
+                saved.append((store, leaf, store[leaf]))
+                store[leaf] = tensor
+            return self.model(*args, **kwargs)
+        finally:
+            for store, leaf, old in reversed(saved):
+                store[leaf] = old
 
     def _untie(self, params):
         out = dict(params)
@@ -346,7 +389,20 @@ class LoRA:
 
     def _overlay(self, adapter: Adapter, params, detach: bool = False) -> dict[str, torch.Tensor]:
         out = {}
+        lazy = self._lazy
         for path, t in self.plan.targets.items():
+            spec = lazy.get(path)
+            if spec is not None:  # the common case, without the rule's generic dict plumbing
+                if params is None:
+                    store, leaf = self._slots[spec.name]
+                    w = store[leaf]
+                else:
+                    w = self._base(spec.name, params)
+                factors = adapter[path]
+                out[spec.name] = lora_weight(LoraParts(
+                    w.detach() if detach else w, factors[spec.a], factors[spec.b], spec.scaling,
+                    spec.layout, spec.dropout if spec.module.training else 0.0, path, spec.groups))
+                continue
             base = {n: self._base(full, params) for n, full in self._base_names[path]}
             if detach:
                 base = {n: w.detach() for n, w in base.items()}
@@ -465,6 +521,8 @@ class LoRA:
             w = self._base(name, base)
             merged[name] = (w + d).to(w.dtype)  # one rounding into the base dtype
         merged.update(replaced)
+        for twin in self._slot_twins:  # a module shared under two paths has one slot: name it once
+            merged.pop(twin, None)     # (torch's functional_call given both names restores the wrong tensor)
         return merged
 
     def unmerge(self, merged: dict[str, torch.Tensor], adapter: Adapter) -> dict[str, torch.Tensor]:
@@ -500,7 +558,7 @@ class LoRA:
         wanted = {self._alias.get(n, n) for n in names}
         groups: dict[str, list[str]] = {}
         for name, canonical in self._alias.items():
-            if canonical in wanted:
+            if canonical in wanted and name not in self._slot_twins:  # twins of a shared module are not separate weights
                 groups.setdefault(canonical, []).append(name)
         return {c: g for c, g in groups.items() if len(g) > 1}
 
@@ -566,6 +624,25 @@ def _rnn_vmap_error(model: nn.Module, paths: list[str], message: str) -> Runtime
         "instead: [lora(fl.select(stacked, i), x) for i in range(n)], or lora.route(stacked, index, x) "
         "for one adapter per example; to batch many sequences, use the RNN's own batch dimension."
     )
+
+
+class _LazyTarget(NamedTuple):
+    """A target whose weight the forward replaces by a :class:`~funclora.lazy.LoraWeight`."""
+
+    name: str          # the weight's full parameter name
+    a: str             # adapter leaf of A (``lora_A`` / ``lora_embedding_A``)
+    b: str             # adapter leaf of B
+    scaling: float
+    layout: str        # as LoraParts.layout
+    dropout: float     # lora_dropout, applied while ``module.training``
+    groups: int
+    module: nn.Module
+
+
+def _builds_lora_weight(rule) -> bool:
+    """Whether ``rule`` uses the built-in factored overlay (so ``_overlay`` may build it directly)."""
+    return (isinstance(rule, _FactoredRule) and type(rule).overlay is _FactoredRule.overlay
+            and type(rule)._parts is _FactoredRule._parts)
 
 
 def _owner(model: nn.Module, name: str) -> tuple[nn.Module | None, str]:

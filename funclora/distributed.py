@@ -195,6 +195,16 @@ def _check_tensors(name: str, leaves, what: str = "leaf") -> None:
 
 # --- FSDP2 (fully_shard) bases ------------------------------------------------------------------
 
+def fully_shard_used() -> bool:
+    """Whether FSDP2's ``fully_shard`` was applied to any module in this process (a cheap test).
+
+    ``fully_shard`` gives each module it shards a new class deriving from ``FSDPModule``.
+    """
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    cls = getattr(fsdp, "FSDPModule", None) if fsdp is not None else None
+    return cls is not None and bool(cls.__subclasses__())
+
+
 def fsdp_units(model: nn.Module) -> dict[str, nn.Module]:
     """``{path: module}`` of the modules of ``model`` that ``fully_shard`` was applied to.
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -76,8 +76,7 @@ def strict(enabled: bool = True):
         _STRICT.reset(token)
 
 
-@dataclass(frozen=True)
-class LoraParts:
+class LoraParts(NamedTuple):
     """What a :class:`LoraWeight` carries besides its base tensor.
 
     Attributes:
@@ -160,8 +159,8 @@ def _in_place(out: torch.Tensor) -> bool:
     Not while torch.compile traces (it fuses the add anyway) nor inside torch.func transforms
     (they forbid mutating a tensor made at an outer level, and a vmapped update may be wider).
     """
-    return (not torch.compiler.is_compiling() and type(out) is torch.Tensor
-            and torch._C._functorch.peek_interpreter_stack() is None)
+    return (type(out) is torch.Tensor and torch._C._functorch.peek_interpreter_stack() is None
+            and not torch.compiler.is_compiling())
 
 
 def _plus(out: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
@@ -180,12 +179,17 @@ def _add_product(out: torch.Tensor, h: torch.Tensor, B: torch.Tensor, s) -> torc
     of place. Otherwise (fp32 factors over a bf16 base), and while torch.compile traces (inductor
     fuses the plain ops), ``_plus(out, (s·h)@Bᵀ)``.
     """
-    if out.dtype != h.dtype or torch.compiler.is_compiling():
+    if out.dtype != h.dtype:
         return _plus(out, F.linear(_scaled(h, s), B))
+    in_place = _in_place(out)
     if out.dim() == 2 and h.dim() == 2:
-        return out.addmm_(h, B.t(), alpha=s) if _in_place(out) else torch.addmm(out, h, B.t(), alpha=s)
-    if (_in_place(out) and out.is_contiguous()
-            and not (out.requires_grad or h.requires_grad or B.requires_grad)):
+        if in_place:
+            return out.addmm_(h, B.t(), alpha=s)
+        if not torch.compiler.is_compiling():
+            return torch.addmm(out, h, B.t(), alpha=s)
+    if not in_place and torch.compiler.is_compiling():
+        return _plus(out, F.linear(_scaled(h, s), B))
+    if in_place and out.is_contiguous() and not (out.requires_grad or h.requires_grad or B.requires_grad):
         out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), B.t(), alpha=s)
         return out
     flat = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), B.t(), alpha=s)
@@ -200,7 +204,8 @@ def _lora_a(x: torch.Tensor, parts: LoraParts) -> torch.Tensor:
 def _linear(input, weight, bias=None):
     parts = weight._lora
     out = F.linear(input, parts.base, bias)
-    return _add_product(out, _lora_a(input, parts), parts.B, parts.scaling)
+    x = input if input.dtype == parts.A.dtype and not parts.dropout else _dropped(input, parts)
+    return _add_product(out, F.linear(x, parts.A), parts.B, parts.scaling)
 
 
 def _addmm(input, mat1, mat2, *, beta=1, alpha=1, out=None):
@@ -269,9 +274,13 @@ def factored_weight(func, args, kwargs, cls, attr: str) -> bool:
     if entry is None:
         return False
     name, pos, layout = entry
-    weight = kwargs.get(name, args[pos] if len(args) > pos else None)
-    return (isinstance(weight, cls) and getattr(weight, attr).layout == layout
-            and not any(isinstance(a, cls) for i, a in enumerate(args) if i != pos))
+    weight = args[pos] if len(args) > pos else kwargs.get(name) if kwargs else None
+    if not isinstance(weight, cls) or getattr(weight, attr).layout != layout:
+        return False
+    for i, a in enumerate(args):
+        if i != pos and isinstance(a, cls):
+            return False
+    return True
 
 
 _FACTORED = op_table(_linear, _addmm, _matmul, _embedding, _make_conv)
@@ -314,12 +323,12 @@ class LoraWeight(torch.Tensor):
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if factored_weight(func, args, kwargs, LoraWeight, "_lora"):  # its ops see the plain base weight only
+            return _FACTORED[func](*args, **kwargs) if kwargs else _FACTORED[func](*args)
         kwargs = kwargs or {}
         with torch._C.DisableTorchFunctionSubclass():
             if func in _METADATA:
                 return func(*_plain(args), **kwargs)
-            if factored_weight(func, args, kwargs, LoraWeight, "_lora"):
-                return _FACTORED[func](*args, **kwargs)
             what = getattr(func, "__name__", repr(func))
             return func(*_unwrap(args, what), **_unwrap(kwargs, what))
 

@@ -23,6 +23,7 @@ import warnings
 from dataclasses import dataclass, field
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .config import LoraConfig
 from .default_targets import default_targets
@@ -214,6 +215,19 @@ def _not_found(model, config, spec, excluded) -> TargetNotFoundError:
     )
 
 
+def _check_not_parametrized(module: nn.Module, rule, path: str) -> None:
+    """LoRA adapts a weight stored as a plain parameter; a parametrized one is computed per call."""
+    names = [n for n in rule.updated_parameters(module) if parametrize.is_parametrized(module, n)]
+    if names:
+        raise UnsupportedModuleError(
+            f"LoRA: target {path!r} has a parametrized {names[0]!r} (torch.nn.utils.parametrize, e.g. "
+            "weight_norm or spectral_norm): it is computed on every call, not stored as a plain "
+            "parameter, so there is no weight for LoRA to adapt. Remove the parametrization first "
+            f"(torch.nn.utils.parametrize.remove_parametrizations(module, {names[0]!r})) or leave the "
+            "layer out (exclude_modules)."
+        )
+
+
 def make_plan(model: nn.Module, config: LoraConfig) -> Plan:
     """Resolve ``config`` against ``model`` once: which modules get LoRA, which are saved."""
     custom = config._custom_modules
@@ -230,6 +244,7 @@ def make_plan(model: nn.Module, config: LoraConfig) -> Plan:
         r = _pattern_value(path, config.rank_pattern, config.r, used_rank)
         alpha = _pattern_value(path, config.alpha_pattern, config.lora_alpha, used_alpha)
         rule.check(module, r, path)
+        _check_not_parametrized(module, rule, path)
         scaling = alpha / math.sqrt(r) if config.use_rslora else alpha / r
         dropout = float(config.lora_dropout) if rule.supports_dropout else 0.0
         return Target(path, module_path, module, rule, r, alpha, scaling, dropout)

@@ -206,3 +206,55 @@ def test_backward_reaches_only_the_adapter_but_apply_can_differentiate_base_weig
     params = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
     lora.apply(params, adapter, torch.randn(3, 4)).sum().backward()
     assert params["0.weight"].grad is not None and params["2.weight"].grad is not None
+
+
+class Shared(nn.Module):
+    """One Linear reachable under two paths (``a`` and ``b``), used twice per forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 6)
+        self.b = self.a
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.head(self.b(torch.tanh(self.a(x))))
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_a_module_shared_under_two_paths_gets_its_lora_at_both_uses(grad):
+    """``b`` is ``a``: the eager forward (which sets tensors in the owners' dicts itself) must
+    not let the twin name ``b.weight`` overwrite the overlay; merge must agree, and every
+    original tensor object must be back afterwards, also after a failing call."""
+    model = Shared()
+    before = snapshot(model)
+    originals = dict(model.named_parameters(remove_duplicate=False))
+    lora = fl.LoRA(model, fl.LoraConfig(target_modules=["a"], r=2))
+    adapter, x = random_adapter(lora, scale=0.5), torch.randn(3, 6)
+    overlay = lora._overlay(adapter, None)
+    with torch.set_grad_enabled(grad):
+        got = lora(adapter, x)
+        by_torch = torch.func.functional_call(model, overlay, (x,), tie_weights=False, strict=False)
+        merged = torch.func.functional_call(model, lora.merge(adapter), (x,), tie_weights=False)
+        full = lora.merge(adapter, dict(model.named_parameters(remove_duplicate=False)))
+        merged_full = torch.func.functional_call(model, full, (x,), tie_weights=False)
+        applied = lora.apply(originals, adapter, x)
+    plain = model(x)
+    assert (got - plain).abs().max() > 1e-3
+    torch.testing.assert_close(got, by_torch, rtol=0, atol=0)
+    torch.testing.assert_close(applied, got, rtol=0, atol=0)
+    for m in (merged, merged_full):
+        torch.testing.assert_close(m, got, rtol=1e-5, atol=1e-6)
+    with pytest.raises(RuntimeError, match="mat1 and mat2"):
+        lora(adapter, torch.randn(3, 5))        # fails inside the swapped forward
+    assert dict(model.named_parameters(remove_duplicate=False)).items() == originals.items()
+    assert_unchanged(before, model)
+
+
+def test_a_parametrized_weight_is_refused_with_the_fix():
+    model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(4, 4)), nn.Linear(4, 2))
+    with pytest.raises(fl.UnsupportedModuleError, match=r"'0' has a parametrized 'weight'.*remove_parametrizations"):
+        fl.LoRA(model, fl.LoraConfig(target_modules=["0"], r=2))
+    lora = fl.LoRA(model, fl.LoraConfig(target_modules=["1"], r=2))      # the rest of the model still works
+    adapter, x = random_adapter(lora), torch.randn(3, 4)
+    torch.testing.assert_close(lora(adapter, x), torch.func.functional_call(model, lora.merge(adapter), (x,)))
