@@ -10,6 +10,12 @@ call and restores the originals afterwards (also on exceptions). In training mod
 buffers are passed as copies, so e.g. BatchNorm running statistics of the user's model stay as
 they were.
 
+In eager mode the swap is done here, with the same effect and less Python per call: each
+overlay tensor is set in its owner's ``_parameters`` / ``_buffers`` dict, and targeted
+``nn.Linear`` modules get ``lazy.linear_forward`` as an instance ``forward`` for the call (it
+computes the same factored linear without ``F.linear``'s ``__torch_function__`` round trip).
+While ``torch.compile`` traces, ``torch.func.functional_call`` does the swap.
+
 Tied weights (a language model's input embedding and ``lm_head`` sharing one Parameter) are
 treated as PEFT treats them: the base weight is shared, the adapter is not.
 
@@ -35,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+from functools import partial
 from typing import NamedTuple
 
 import optree
@@ -44,7 +51,7 @@ from torch import nn
 from .config import LoraConfig
 from .distributed import fsdp_units, fully_shard_used, sharded_forward
 from .errors import AdapterMismatchError
-from .lazy import LoraParts, lora_weight
+from .lazy import LoraParts, linear_forward, lora_weight
 from .rules import Factor, _FactoredRule, init_factor
 from .targeting import Plan, make_plan
 
@@ -116,8 +123,9 @@ class LoRA:
         # hot-path caches (the plan is fixed): each target's base-parameter names, the expected leaf shapes
         self._base_names = {path: tuple((n, f"{t.module_path}.{n}") for n in self._updated[path])
                             for path, t in self.plan.targets.items()}
-        self._want = {path: tuple((leaf, tuple(s.shape) if isinstance(s, Factor) else s) for leaf, s in leaves.items())
-                      for path, leaves in self._specs.items()}
+        self._want = tuple((path, leaves.keys(), tuple((leaf, tuple(s.shape) if isinstance(s, Factor) else s)
+                                                       for leaf, s in leaves.items()))
+                           for path, leaves in self._specs.items())
         # parameter name -> the name ``named_parameters()`` lists it under (tied weights)
         first: dict[int, str] = {}
         self._alias: dict[str, str] = {}
@@ -138,10 +146,18 @@ class LoRA:
         self._slot_twins = {name: first for name, (store, leaf) in self._slots.items()
                             if (first := first_name.setdefault((id(store), leaf), name)) != name}
         # targets whose weight becomes a lazy LoraWeight, with what the per-call overlay needs
-        self._lazy = {path: _LazyTarget(f"{t.module_path}.weight", *t.rule.names, t.scaling, t.rule.layout,
-                                        t.dropout, getattr(t.module, "groups", 1), t.module)
+        self._lazy = {path: _LazyTarget(f"{t.module_path}.weight", *self._slots[f"{t.module_path}.weight"],
+                                        *t.rule.names, t.scaling, t.rule.layout, t.dropout,
+                                        getattr(t.module, "groups", 1), t.module)
                       for path, t in self.plan.targets.items()
                       if _builds_lora_weight(t.rule) and f"{t.module_path}.weight" in self._slots}
+        # nn.Linear targets (classes that keep Linear's forward): the eager forward runs them through
+        # lazy.linear_forward, which computes the same factored linear without the dispatch round trip
+        self._linear_forwards = tuple((spec.module, partial(linear_forward, spec.module)) for spec in self._lazy.values()
+                                      if spec.layout == "linear" and type(spec.module).forward is nn.Linear.forward)
+        self._generic = tuple((path, t) for path, t in self.plan.targets.items() if path not in self._lazy)
+        self._replaced_names = tuple([(f"{path}.{n}", path, n) for path, names in self.plan.saved.items() for n in names]
+                                     + [(f"{path}.bias", path, "bias") for path in self.plan.biases])
 
     # --- what is targeted ---------------------------------------------------------------------
     @property
@@ -253,17 +269,16 @@ class LoRA:
         """True when ``adapter`` has exactly the expected paths, leaves and (unbatched) shapes."""
         if not isinstance(adapter, dict) or adapter.keys() != self._specs.keys():
             return False
-        specs = self._specs
-        for path, want in self._want.items():
-            given = adapter[path]
-            if not isinstance(given, dict) or given.keys() != specs[path].keys():
-                return False
-            try:
+        try:
+            for path, leaves, want in self._want:
+                given = adapter[path]
+                if given.keys() != leaves:
+                    return False
                 for leaf, shape in want:
                     if given[leaf].shape != shape:
                         return False
-            except AttributeError:  # not a tensor
-                return False
+        except AttributeError:  # not a dict, or a leaf that is not a tensor
+            return False
         return True
 
     # --- forward ------------------------------------------------------------------------------
@@ -311,7 +326,8 @@ class LoRA:
                 "LoRA: torch function handling is disabled here (DisableTorchFunctionSubclass or "
                 "DisableTorchFunction), so the LoRA weights would silently act as the plain base "
                 "weights. Call the LoRA forward outside that context.")
-        self.check(adapter)
+        if not self._fits(adapter):
+            self.check(adapter)  # raises, saying what does not fit
         if fully_shard_used():
             units = fsdp_units(self.model)
             if units:  # FSDP2-sharded base: the overlay goes onto each unit's all-gathered weights
@@ -325,15 +341,15 @@ class LoRA:
         if params is not None:
             tensors = self._untie(params)
             tensors.update(self._overlay(adapter, tensors))
-        else:  # base weights read from the model are constants: gradients reach only the adapter
-            frozen = torch.is_grad_enabled()
+        elif torch.is_grad_enabled():  # base weights read from the model are constants: gradients reach only the adapter
             tensors = {}
-            if frozen:  # read through the cached owners: no module-tree walk per call
-                for name, (owner, leaf) in self._owners.items():
-                    p = owner._parameters.get(leaf)
-                    if p is not None and p.requires_grad:
-                        tensors[name] = p.detach()
-            tensors.update(self._overlay(adapter, None, detach=frozen))
+            for name, (owner, leaf) in self._owners.items():  # cached owners: no module-tree walk per call
+                p = owner._parameters.get(leaf)
+                if p is not None and p.requires_grad:
+                    tensors[name] = p.detach()
+            tensors.update(self._overlay(adapter, None, detach=True))
+        else:
+            tensors = self._overlay(adapter, None)
         if self.model.training:
             tensors.update({n: b.clone() for n, b in self.model.named_buffers()})
         for name in self._slot_twins:
@@ -356,14 +372,20 @@ class LoRA:
         slots = self._slots
         if not tensors.keys() <= slots.keys():  # a name that is not a plain parameter or buffer
             return torch.func.functional_call(self.model, tensors, args, kwargs, tie_weights=False, strict=False)
-        saved = []
+        saved, direct = [], []
         try:
             for name, tensor in tensors.items():
                 store, leaf = slots[name]
                 saved.append((store, leaf, store[leaf]))
                 store[leaf] = tensor
+            for module, forward in self._linear_forwards:  # skip F.linear's __torch_function__ round trip
+                if "forward" not in module.__dict__:
+                    module.__dict__["forward"] = forward
+                    direct.append(module)
             return self.model(*args, **kwargs)
         finally:
+            for module in direct:
+                del module.__dict__["forward"]
             for store, leaf, old in reversed(saved):
                 store[leaf] = old
 
@@ -389,30 +411,20 @@ class LoRA:
 
     def _overlay(self, adapter: Adapter, params, detach: bool = False) -> dict[str, torch.Tensor]:
         out = {}
-        lazy = self._lazy
-        for path, t in self.plan.targets.items():
-            spec = lazy.get(path)
-            if spec is not None:  # the common case, without the rule's generic dict plumbing
-                if params is None:
-                    store, leaf = self._slots[spec.name]
-                    w = store[leaf]
-                else:
-                    w = self._base(spec.name, params)
-                factors = adapter[path]
-                out[spec.name] = lora_weight(LoraParts(
-                    w.detach() if detach else w, factors[spec.a], factors[spec.b], spec.scaling,
-                    spec.layout, spec.dropout if spec.module.training else 0.0, path, spec.groups))
-                continue
+        for path, (name, store, leaf, a, b, scaling, layout, dropout, groups, module) in self._lazy.items():
+            w = store[leaf] if params is None else self._base(name, params)
+            factors = adapter[path]  # the common case, built without the rule's generic dict plumbing
+            out[name] = lora_weight(LoraParts(w.detach() if detach else w, factors[a], factors[b], scaling,
+                                              layout, dropout if module.training else 0.0, path, groups))
+        for path, t in self._generic:
             base = {n: self._base(full, params) for n, full in self._base_names[path]}
             if detach:
                 base = {n: w.detach() for n, w in base.items()}
             dropout = t.dropout if t.module.training else 0.0
             for n, v in t.rule.overlay(t.module, base, adapter[path], t.scaling, dropout=dropout, path=path).items():
                 out[f"{t.module_path}.{n}"] = v
-        for path, names in self.plan.saved.items():
-            out.update({f"{path}.{n}": adapter[path][n] for n in names})
-        for path in self.plan.biases:
-            out[f"{path}.bias"] = adapter[path]["bias"]
+        for name, path, leaf in self._replaced_names:  # modules_to_save and trained biases
+            out[name] = adapter[path][leaf]
         return out
 
     # --- many adapters (funclora/route.py, funclora/combine.py) --------------------------------
@@ -563,9 +575,7 @@ class LoRA:
         return {c: g for c, g in groups.items() if len(g) > 1}
 
     def _replaced(self, adapter: Adapter) -> dict[str, torch.Tensor]:
-        out = {f"{path}.{n}": adapter[path][n] for path, names in self.plan.saved.items() for n in names}
-        out.update({f"{path}.bias": adapter[path]["bias"] for path in self.plan.biases})
-        return out
+        return {name: adapter[path][leaf] for name, path, leaf in self._replaced_names}
 
     # --- counting -----------------------------------------------------------------------------
     def num_parameters(self, adapter: Adapter | None = None) -> tuple[int, int]:
@@ -630,6 +640,8 @@ class _LazyTarget(NamedTuple):
     """A target whose weight the forward replaces by a :class:`~funclora.lazy.LoraWeight`."""
 
     name: str          # the weight's full parameter name
+    store: dict        # the owner's _parameters
+    leaf: str          # the weight's name in ``store``
     a: str             # adapter leaf of A (``lora_A`` / ``lora_embedding_A``)
     b: str             # adapter leaf of B
     scaling: float

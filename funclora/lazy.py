@@ -204,8 +204,29 @@ def _lora_a(x: torch.Tensor, parts: LoraParts) -> torch.Tensor:
 def _linear(input, weight, bias=None):
     parts = weight._lora
     out = F.linear(input, parts.base, bias)
-    x = input if input.dtype == parts.A.dtype and not parts.dropout else _dropped(input, parts)
-    return _add_product(out, F.linear(x, parts.A), parts.B, parts.scaling)
+    A = parts.A
+    h = F.linear(input if input.dtype == A.dtype and not parts.dropout else _dropped(input, parts), A)
+    if out.dim() == 2 and out.dtype == A.dtype and _in_place(out):  # the common eager case, inlined
+        return out.addmm_(h, parts.B.t(), alpha=parts.scaling)
+    return _add_product(out, h, parts.B, parts.scaling)
+
+
+def linear_forward(module: torch.nn.Linear, input: torch.Tensor) -> torch.Tensor:
+    """``nn.Linear.forward``, calling the factored linear directly when the weight is lazy.
+
+    The eager forward installs it on targeted Linears for the duration of a call: same result as
+    ``F.linear`` on the :class:`LoraWeight`, minus ``__torch_function__``'s round trip.
+    """
+    weight, bias = module._parameters["weight"], module._parameters["bias"]
+    if _factored_linear(input, weight, bias):
+        return _linear(input, weight, bias)
+    return F.linear(input, weight, bias)
+
+
+def _factored_linear(input, weight, bias) -> bool:
+    """Whether ``F.linear(input, weight, bias)`` is computed factored (only ``weight`` is lazy)."""
+    return (type(weight) is LoraWeight and weight._lora.layout == "linear"
+            and type(input) is not LoraWeight and type(bias) is not LoraWeight)
 
 
 def _addmm(input, mat1, mat2, *, beta=1, alpha=1, out=None):
@@ -323,6 +344,8 @@ class LoraWeight(torch.Tensor):
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func is F.linear and len(args) == 3 and not kwargs and _factored_linear(*args):  # nn.Linear's call
+            return _linear(*args)
         if factored_weight(func, args, kwargs, LoraWeight, "_lora"):  # its ops see the plain base weight only
             return _FACTORED[func](*args, **kwargs) if kwargs else _FACTORED[func](*args)
         kwargs = kwargs or {}

@@ -37,6 +37,7 @@ def snapshot(model):
         "hooks": {n: (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
                   for n, m in model.named_modules()},
         "ids": {n: id(p) for n, p in model.named_parameters()},
+        "attributes": {n: sorted(m.__dict__) for n, m in model.named_modules()},   # e.g. no forward left behind
         "grads": {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()},
     }
 
@@ -47,6 +48,7 @@ def assert_unchanged(before, model):
     assert before["modes"] == after["modes"]
     assert before["hooks"] == after["hooks"]
     assert before["ids"] == after["ids"]
+    assert before["attributes"] == after["attributes"]
     for n, g in before["grads"].items():
         assert (g is None) == (after["grads"][n] is None) and (g is None or torch.equal(g, after["grads"][n])), n
     for n, (p, rg) in before["params"].items():

@@ -258,3 +258,63 @@ def test_a_parametrized_weight_is_refused_with_the_fix():
     lora = fl.LoRA(model, fl.LoraConfig(target_modules=["1"], r=2))      # the rest of the model still works
     adapter, x = random_adapter(lora), torch.randn(3, 4)
     torch.testing.assert_close(lora(adapter, x), torch.func.functional_call(model, lora.merge(adapter), (x,)))
+
+
+class LinearWithOwnForward(nn.Linear):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+class ReadsWeightDirectly(nn.Module):
+    """``fc`` is called as a module; ``head.weight`` is read directly (never through ``head``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(5, 5)
+        self.own = LinearWithOwnForward(5, 5)
+        self.custom = nn.Linear(5, 5, bias=False)
+        self.custom.forward = lambda x: torch.nn.functional.linear(x, self.custom.weight) - 1  # instance forward
+        self.head = nn.Linear(5, 3)
+        self.drop = nn.Dropout(0.0)
+
+    def forward(self, x):
+        h = self.custom(self.own(torch.relu(self.fc(x))))
+        return torch.nn.functional.linear(self.drop(h), self.head.weight, self.head.bias)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_eager_linear_shortcut_equals_the_lazy_weight_path(training):
+    """Eager calls run targeted nn.Linears through lazy.linear_forward (no __torch_function__ round
+    trip). It must give bit-identical outputs and gradients to torch's functional_call with the
+    same lazy weights, leave no attribute behind (also when the call fails), keep a Linear
+    subclass's own forward and an instance forward, and run the module's hooks."""
+    torch.manual_seed(0)
+    model = ReadsWeightDirectly().train(training)
+    calls = []
+    model.fc.register_forward_pre_hook(lambda m, args: calls.append("pre"))
+    model.fc.register_forward_hook(lambda m, args, out: calls.append("post"))
+    before = snapshot(model)
+    lora = fl.LoRA(model, fl.LoraConfig(target_modules=["fc", "own", "custom", "head"], r=2, lora_dropout=0.3,
+                                        bias="lora_only"))
+    assert [m for m, _ in lora._linear_forwards] == [model.fc, model.custom, model.head]
+    adapter = {p: {k: v.requires_grad_() for k, v in leaves.items()} for p, leaves in random_adapter(lora, 0.5).items()}
+    x = torch.randn(4, 5)
+
+    def by_torch(a):
+        overlay = lora._overlay(a, None, detach=True)
+        return torch.func.functional_call(model, overlay, (x,), tie_weights=False, strict=False)
+
+    torch.manual_seed(1)
+    got = lora(adapter, x)
+    g_got = torch.autograd.grad(got.square().sum(), [v for d in adapter.values() for v in d.values()])
+    assert calls == ["pre", "post"]
+    torch.manual_seed(1)
+    want = by_torch(adapter)
+    g_want = torch.autograd.grad(want.square().sum(), [v for d in adapter.values() for v in d.values()])
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="mat1 and mat2"):
+        lora(adapter, torch.randn(4, 6))
+    assert "forward" not in model.fc.__dict__ and "forward" in model.custom.__dict__
+    assert_unchanged(before, model)
