@@ -125,6 +125,10 @@ def _worker(rank, out_dir, init_file):
         save_file(tensors, os.path.join(out_dir, f"rank{rank}.safetensors"))
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(info, f)
+        try:  # tear down together: a rank that exits while the other still talks to it can abort
+            dist.barrier()
+        except Exception:  # noqa: BLE001 - a failed scenario is already reported in the JSON
+            pass
         dist.destroy_process_group()
 
 
