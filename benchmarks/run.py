@@ -63,7 +63,6 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch._inductor.utils import fresh_cache
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import funclora as fl  # noqa: E402
@@ -563,6 +562,13 @@ def _warm_compiler(device):
     _COMPILE_WARM.append(True)
 
 
+def _fresh_inductor_cache():
+    """A context with an empty inductor cache (``fresh_inductor_cache`` before torch 2.8)."""
+    from torch._inductor import utils
+    fresh = getattr(utils, "fresh_cache", None) or utils.fresh_inductor_cache
+    return fresh()
+
+
 def m_compile(st):
     wl, lora, adapter, (args, kwargs, target) = st["wl"], st["lora"], st["adapter"], st["batch"]
     peft_model, timer = st["peft_model"], st["timer"]
@@ -582,7 +588,7 @@ def m_compile(st):
             try:
                 # the two sides compile much the same kernels: with a shared cache the second
                 # one found the first one's (2-3x faster on the seed MLP), so each starts cold
-                cold = fresh_cache() if st["args"].cold_compile else contextlib.nullcontext()
+                cold = _fresh_inductor_cache() if st["args"].cold_compile else contextlib.nullcontext()
                 with cold:
                     timer.sync()
                     start = time.perf_counter()
