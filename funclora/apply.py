@@ -143,8 +143,8 @@ class LoRA:
         # names of a module reachable under several paths: later names share the first one's slot,
         # so the forward must not set them (they would overwrite the overlay set under the first)
         first_name: dict[tuple[int, str], str] = {}
-        self._slot_twins = {name: first for name, (store, leaf) in self._slots.items()
-                            if (first := first_name.setdefault((id(store), leaf), name)) != name}
+        self._slot_twins = frozenset(name for name, (store, leaf) in self._slots.items()
+                                     if first_name.setdefault((id(store), leaf), name) != name)
         # targets whose weight becomes a lazy LoraWeight, with what the per-call overlay needs
         self._lazy = {path: _LazyTarget(f"{t.module_path}.weight", *self._slots[f"{t.module_path}.weight"],
                                         *t.rule.names, t.scaling, t.rule.layout, t.dropout,

@@ -179,16 +179,11 @@ def _add_product(out: torch.Tensor, h: torch.Tensor, B: torch.Tensor, s) -> torc
     of place. Otherwise (fp32 factors over a bf16 base), and while torch.compile traces (inductor
     fuses the plain ops), ``_plus(out, (s·h)@Bᵀ)``.
     """
-    if out.dtype != h.dtype:
-        return _plus(out, F.linear(_scaled(h, s), B))
     in_place = _in_place(out)
-    if out.dim() == 2 and h.dim() == 2:
-        if in_place:
-            return out.addmm_(h, B.t(), alpha=s)
-        if not torch.compiler.is_compiling():
-            return torch.addmm(out, h, B.t(), alpha=s)
-    if not in_place and torch.compiler.is_compiling():
+    if out.dtype != h.dtype or (not in_place and torch.compiler.is_compiling()):
         return _plus(out, F.linear(_scaled(h, s), B))
+    if out.dim() == 2 and h.dim() == 2:
+        return out.addmm_(h, B.t(), alpha=s) if in_place else torch.addmm(out, h, B.t(), alpha=s)
     if in_place and out.is_contiguous() and not (out.requires_grad or h.requires_grad or B.requires_grad):
         out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), B.t(), alpha=s)
         return out
@@ -204,11 +199,7 @@ def _lora_a(x: torch.Tensor, parts: LoraParts) -> torch.Tensor:
 def _linear(input, weight, bias=None):
     parts = weight._lora
     out = F.linear(input, parts.base, bias)
-    A = parts.A
-    h = F.linear(input if input.dtype == A.dtype and not parts.dropout else _dropped(input, parts), A)
-    if out.dim() == 2 and out.dtype == A.dtype and _in_place(out):  # the common eager case, inlined
-        return out.addmm_(h, parts.B.t(), alpha=parts.scaling)
-    return _add_product(out, h, parts.B, parts.scaling)
+    return _add_product(out, _lora_a(input, parts), parts.B, parts.scaling)
 
 
 def linear_forward(module: torch.nn.Linear, input: torch.Tensor) -> torch.Tensor:
