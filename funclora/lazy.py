@@ -171,24 +171,48 @@ def _plus(out: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
     return total if total.dtype == out.dtype else total.to(out.dtype)
 
 
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    """Whether autograd records an op on ``tensors`` (grad mode on and one of them requires grad)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def _add_product(out: torch.Tensor, h: torch.Tensor, B: torch.Tensor, s) -> torch.Tensor:
     """``out + s·h@Bᵀ`` for ``out (..., out)``, ``h (..., r)``, ``B (out, r)``.
 
     When ``out`` has the factors' dtype this is one fused ``addmm``: in place on ``out`` when
     that is allowed and ``out`` is 2-D or nothing needs gradients (then on a 2-D view), else out
     of place. Otherwise (fp32 factors over a bf16 base), and while torch.compile traces (inductor
-    fuses the plain ops), ``_plus(out, (s·h)@Bᵀ)``.
+    fuses the plain ops), ``_plus(out, (s·h)@Bᵀ)``; in place without gradients, ``s`` rides on
+    the add (``out.add_(h@Bᵀ, alpha=s)``: one kernel fewer).
     """
     in_place = _in_place(out)
     if out.dtype != h.dtype or (not in_place and torch.compiler.is_compiling()):
+        if in_place and not _needs_grad(h, B):
+            return out.add_(F.linear(h, B), alpha=s)
         return _plus(out, F.linear(_scaled(h, s), B))
     if out.dim() == 2 and h.dim() == 2:
         return out.addmm_(h, B.t(), alpha=s) if in_place else torch.addmm(out, h, B.t(), alpha=s)
-    if in_place and out.is_contiguous() and not (out.requires_grad or h.requires_grad or B.requires_grad):
+    if in_place and out.is_contiguous() and not _needs_grad(out, h, B):
         out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), B.t(), alpha=s)
         return out
     flat = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), B.t(), alpha=s)
     return flat.view(out.shape)
+
+
+def _add_pointwise(out: torch.Tensor, h: torch.Tensor, B: torch.Tensor, s, groups: int, conv) -> torch.Tensor:
+    """``out + s·conv_1×1(h; B)`` for ``out (N, out, *sp)``, ``h (N, r, *sp)``, ``B (out, r, *1)``.
+
+    Without gradients in eager mode (one dtype, ``groups == 1``, contiguous ``out`` and ``h``),
+    this is one in-place batched matmul on ``out`` seen as ``(N, out, L)``: ``out[n] += s·B@h[n]``,
+    with no output-sized temporary. Otherwise the 1×1 conv, then ``_plus`` (with gradients the
+    conv's backward is cheaper than the batched matmul's).
+    """
+    if (groups == 1 and out.dim() == B.dim() and out.dtype == h.dtype == B.dtype and _in_place(out)
+            and not _needs_grad(out, h, B) and out.is_contiguous() and h.is_contiguous()):
+        b = B.reshape(B.shape[0], B.shape[1]).expand(out.shape[0], -1, -1)
+        out.view(out.shape[0], out.shape[1], -1).baddbmm_(b, h.view(h.shape[0], h.shape[1], -1), alpha=s)
+        return out
+    return _plus(out, conv(_scaled(h, s), B, None, 1, 0, 1, groups))
 
 
 def _lora_a(x: torch.Tensor, parts: LoraParts) -> torch.Tensor:
@@ -252,7 +276,7 @@ def _make_conv(conv):
         parts = weight._lora
         out = conv(input, parts.base, bias, stride, padding, dilation, groups)
         h = conv(_dropped(input, parts), parts.A, None, stride, padding, dilation, 1)
-        return _plus(out, conv(_scaled(h, parts.scaling), parts.B, None, 1, 0, 1, groups))
+        return _add_pointwise(out, h, parts.B, parts.scaling, groups, conv)
 
     return _conv
 

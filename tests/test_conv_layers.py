@@ -130,6 +130,34 @@ def test_conv_laws_over_shapes(case):
         assert "merge equals apply" in report.checked
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "unbatched"])
+def test_eager_branch_into_output_equals_the_conv_path(layout):
+    # Eager: s·B@h is added into the base output by one batched matmul (in place without grad);
+    # under torch.func (and for other layouts) the branch is a 1×1 conv plus an add. Same values.
+    conv = nn.Conv2d(6, 10, 3, padding=1)
+    model = nn.Sequential(conv)
+    lora = fl.LoRA(model, fl.LoraConfig(target_modules=["0"], r=3, lora_alpha=7))  # s = 7/3
+    adapter = random_adapter(lora, seed=4)
+    x = torch.randn(2, 6, 5, 5)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "unbatched":
+        x = x[0]
+    expected = conv(x) + torch.func.functional_call(
+        conv, {"weight": _reference_delta(adapter["0"], 7 / 3), "bias": torch.zeros(10)}, (x,))
+
+    def loss(a):
+        return lora(a, x).square().sum()
+
+    with torch.no_grad():
+        torch.testing.assert_close(lora(adapter, x), expected, atol=1e-5, rtol=1e-5)
+    eager_leaves = {k: v.clone().requires_grad_() for k, v in adapter["0"].items()}
+    loss({"0": eager_leaves}).backward()
+    func_grads = torch.func.grad(loss)(adapter)["0"]
+    for k in eager_leaves:
+        torch.testing.assert_close(eager_leaves[k].grad, func_grads[k], atol=1e-4, rtol=1e-5)
+
+
 # --- grouped convs -------------------------------------------------------------------------------
 def _grouped():
     torch.manual_seed(0)

@@ -109,6 +109,24 @@ def test_bf16_base_gets_fp32_factors_and_bf16_output():
     assert kept["0"]["lora_A"].dtype == torch.bfloat16
 
 
+def test_fp32_factors_over_bf16_base_agree_with_and_without_grad():
+    # Without grad the scaling rides on the in-place add (alpha=s); with grad it scales x@Aᵀ.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32)).to(torch.bfloat16)
+    lora = fl.LoRA(model, fl.LoraConfig(target_modules=["0"], r=3, lora_alpha=7))  # s = 7/3
+    adapter = {p: {k: v.requires_grad_() for k, v in leaves.items()} for p, leaves in random_adapter(lora).items()}
+    x = torch.randn(2, 5, 64, dtype=torch.bfloat16)
+    a, b = adapter["0"]["lora_A"].detach(), adapter["0"]["lora_B"].detach()
+    peft_formula = (model(x).float() + (x.float() @ a.T) @ b.T * (7 / 3)).to(torch.bfloat16)
+    with torch.no_grad():
+        inference = lora(adapter, x)
+    training = lora(adapter, x)
+    assert training.requires_grad and not inference.requires_grad
+    one_ulp = dict(atol=0, rtol=2 ** -7)  # one bf16 rounding step apart at most
+    torch.testing.assert_close(inference, training.detach(), **one_ulp)
+    torch.testing.assert_close(inference, peft_formula, **one_ulp)
+
+
 def test_dropout_only_on_lora_branch_and_only_in_training():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 16))
