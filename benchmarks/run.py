@@ -639,12 +639,12 @@ def fmt(v, unit):
 
 
 def print_table(rows: list[dict]) -> str:
-    lines = [f"{'workload':<18}{'metric':<22}{'funclora':>11}{'peft':>11}{'ratio':>8}  unit",
-             "-" * 80]
+    lines = [f"{'workload':<24}{'metric':<22}{'funclora':>11}{'peft':>11}{'ratio':>8}  unit",
+             "-" * 86]
     for r in rows:
         ratio = "-" if r["ratio"] is None else f"{r['ratio']:.3f}"
         base = f"  (base {fmt(r['base'], r['unit'])})" if "base" in r else ""
-        lines.append(f"{r['workload']:<18}{r['metric']:<22}{fmt(r['funclora'], r['unit']):>11}"
+        lines.append(f"{r['workload']:<24}{r['metric']:<22}{fmt(r['funclora'], r['unit']):>11}"
                      f"{fmt(r['peft'], r['unit']):>11}{ratio:>8}  {r['unit']}{base}")
     return "\n".join(lines)
 
