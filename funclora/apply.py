@@ -140,6 +140,8 @@ class LoRA:
         for name, _ in model.named_buffers(remove_duplicate=False):
             owner, leaf = _owner(model, name)
             self._slots[name] = (owner._buffers, leaf)
+        # the buffers a training-mode forward clones (BatchNorm updates its running stats in place)
+        self._buffer_slots = tuple((name, *self._slots[name]) for name, _ in model.named_buffers())
         # names of a module reachable under several paths: later names share the first one's slot,
         # so the forward must not set them (they would overwrite the overlay set under the first)
         first_name: dict[tuple[int, str], str] = {}
@@ -351,7 +353,7 @@ class LoRA:
         else:
             tensors = self._overlay(adapter, None)
         if self.model.training:
-            tensors.update({n: b.clone() for n, b in self.model.named_buffers()})
+            tensors.update(self._buffer_clones())
         for name in self._slot_twins:
             tensors.pop(name, None)
         try:
@@ -362,6 +364,11 @@ class LoRA:
             if self._rnn_paths and _NO_RNN_BATCHING.search(str(e)):
                 raise _rnn_vmap_error(self.model, self._rnn_paths, str(e)) from None
             raise
+
+    def _buffer_clones(self) -> dict[str, torch.Tensor]:
+        """A copy of every buffer, for a training-mode forward to update in place (BatchNorm's
+        running stats) without touching the model; from cached slots, no module-tree walk."""
+        return {name: store[leaf].clone() for name, store, leaf in self._buffer_slots if store[leaf] is not None}
 
     def _swapped_call(self, tensors: dict[str, torch.Tensor], args, kwargs):
         """``functional_call(model, tensors, args, kwargs, tie_weights=False)``, lean, for eager mode.

@@ -285,7 +285,7 @@ def sharded_forward(lora, params, adapter, args, kwargs, training, units: dict[s
                 unit_by_id[id(unit)] = unit
                 per_unit[id(unit)].append(("replace", name, value))
         if model.training:
-            plain.update({n: b.clone() for n, b in model.named_buffers()})
+            plain.update(lora._buffer_clones())
 
         installed: dict[int, list] = defaultdict(list)  # unit id -> stack of [(owner, leaf, old, new)]
 
