@@ -19,8 +19,8 @@ What is counted, for each aten op that reaches the backend during one step (forw
   traffic of that kernel (an in-place op counts its tensor twice: read and written).
 * ``flops``: ``torch.utils.flop_counter``'s formulas (matmuls, convolutions, attention).
 
-``--estimate`` turns them into a roofline time, op by op ``max(bytes / bandwidth,
-flops / peak of the op's dtype, --kernel-us)``, summed. The defaults are an H200's data-sheet
+They are also turned into a roofline time (``--no-estimate``: counts only), op by op
+``max(bytes / bandwidth, flops / peak of the op's dtype, --kernel-us)``, summed. The defaults are an H200's data-sheet
 figures: 4.8 TB/s, 989 dense bf16 TFLOP/s, 67 fp32 TFLOP/s (TF32 off, PyTorch's default), and a
 2 µs floor per kernel. Real kernels reach only part of those peaks (skinny matmuls far less), so
 the estimate is a lower bound that ranks the two libraries; it does not predict their times.
@@ -34,7 +34,7 @@ import json
 import os
 import sys
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -56,24 +56,26 @@ _FLOPS = {**flop_registry, aten.addmm_: flop_registry[aten.addmm]}
 
 @dataclass
 class Count:
-    """What one step asks of the device: ``kernels``, ``bytes`` and ``flops`` (``ops`` per op name)."""
+    """What one step asks of the device."""
 
     kernels: int = 0
     bytes: int = 0
     flops: int = 0
     seconds: float = 0.0                    # the roofline estimate (see the module docstring)
-    ops: dict = field(default_factory=dict)
 
 
 @dataclass
 class Roofline:
+    """The least time an op can take; an H200's data-sheet figures by default."""
+
     bandwidth: float = 4.8e12               # bytes / s
-    peak: dict = field(default_factory=lambda: {torch.bfloat16: 989e12, torch.float16: 989e12,
-                                                torch.float32: 67e12})
+    half_flops: float = 989e12              # bf16 / fp16 matmuls, FLOP / s
+    fp32_flops: float = 67e12               # anything else (fp32 without TF32)
     kernel_s: float = 2e-6
 
     def seconds(self, nbytes: int, flops: int, dtype) -> float:
-        return max(nbytes / self.bandwidth, flops / self.peak.get(dtype, 67e12), self.kernel_s)
+        peak = self.half_flops if dtype in (torch.bfloat16, torch.float16) else self.fp32_flops
+        return max(nbytes / self.bandwidth, flops / peak, self.kernel_s)
 
 
 class Counter(TorchDispatchMode):
@@ -98,7 +100,6 @@ class Counter(TorchDispatchMode):
         c.bytes += nbytes
         c.flops += flops
         c.seconds += self.roofline.seconds(nbytes, flops, tensors[0].dtype if tensors else None)
-        c.ops[packet.__name__] = c.ops.get(packet.__name__, 0) + 1
         return out
 
 
@@ -189,9 +190,8 @@ def main(argv=None):
     p.add_argument("--fp32-tflops", type=float, default=67.0, help="fp32 matmul peak, TFLOP/s")
     p.add_argument("--kernel-us", type=float, default=2.0, help="the least time one kernel takes, µs")
     args = p.parse_args(argv)
-    roofline = Roofline(args.bandwidth_tbs * 1e12, {torch.bfloat16: args.bf16_tflops * 1e12,
-                                                    torch.float16: args.bf16_tflops * 1e12,
-                                                    torch.float32: args.fp32_tflops * 1e12}, args.kernel_us * 1e-6)
+    roofline = Roofline(args.bandwidth_tbs * 1e12, args.bf16_tflops * 1e12, args.fp32_tflops * 1e12,
+                        args.kernel_us * 1e-6)
     only = args.only or [w.name for w in run.workloads(args.shapes, False, "auto") if w.name.startswith("llama")]
     print(run.machine_line("cpu"))
     print(f"shapes: run.py's {args.shapes} workloads, counted on the meta device; ratio = funclora / PEFT")
