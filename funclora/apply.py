@@ -53,6 +53,7 @@ from .distributed import fsdp_units, fully_shard_used, sharded_forward
 from .errors import AdapterMismatchError
 from .lazy import LoraParts, linear_forward, lora_weight
 from .rules import Factor, _FactoredRule, init_factor
+from .shadow import Shadower
 from .targeting import Plan, make_plan
 
 __all__ = ["LoRA"]
@@ -155,8 +156,11 @@ class LoRA:
                       if _builds_lora_weight(t.rule) and f"{t.module_path}.weight" in self._slots}
         # nn.Linear targets (classes that keep Linear's forward): the eager forward runs them through
         # lazy.linear_forward, which computes the same factored linear without the dispatch round trip
-        self._linear_forwards = tuple((spec.module, partial(linear_forward, spec.module)) for spec in self._lazy.values()
-                                      if spec.layout == "linear" and type(spec.module).forward is nn.Linear.forward)
+        self._linear_forwards = {self.plan.targets[path].module_path: _linear_forward_of
+                                 for path, spec in self._lazy.items()
+                                 if spec.layout == "linear" and type(spec.module).forward is nn.Linear.forward}
+        # each call runs on its own shallow shadow of the module tree (funclora/shadow.py)
+        self._shadower = Shadower(model)
         self._generic = tuple((path, t) for path, t in self.plan.targets.items() if path not in self._lazy)
         self._replaced_names = tuple([(f"{path}.{n}", path, n) for path, names in self.plan.saved.items() for n in names]
                                      + [(f"{path}.bias", path, "bias") for path in self.plan.biases])
@@ -334,67 +338,76 @@ class LoRA:
             units = fsdp_units(self.model)
             if units:  # FSDP2-sharded base: the overlay goes onto each unit's all-gathered weights
                 return sharded_forward(self, params, adapter, args, kwargs, training, units)
-        if training is None:
-            return self._call(params, adapter, args, kwargs)
-        with _training_mode(self.model, training):
-            return self._call(params, adapter, args, kwargs)
+        try:
+            if torch.compiler.is_compiling():  # traced: functional_call's swap is compiled away
+                with _training_mode(self.model, training):
+                    tensors = self._tensors(params, adapter, None)
+                    return torch.func.functional_call(self.model, tensors, args, kwargs, tie_weights=False,
+                                                      strict=False)
+            return self._bind(params, adapter, training)(*args, **kwargs)
+        except RuntimeError as e:
+            if self._rnn_paths and _NO_RNN_BATCHING.search(str(e)):
+                raise _rnn_vmap_error(self.model, self._rnn_paths, str(e)) from None
+            raise
 
-    def _call(self, params, adapter, args, kwargs):
+    def bind(self, adapter: Adapter, *, params: dict[str, torch.Tensor] | None = None,
+             training: bool | None = None) -> nn.Module:
+        """The model with ``adapter`` applied, as a module: a shallow shadow that shares its tensors.
+
+        Calling the result (its ``forward``, its ``generate``, any method that runs the model)
+        runs with the adapter, as often as you like; the model itself stays untouched, and other
+        threads or a plain ``model(x)`` see only the base weights. ``lora(adapter, x)`` is
+        ``lora.bind(adapter)(x)``. Bind inside the function you ``vmap`` / ``grad`` (the lazy
+        weights it holds belong to the transform that made them).
+
+        Args:
+            adapter: an adapter of this LoRA (unstacked).
+            params: base params ``{name: Tensor}`` to use instead of the model's (as :meth:`apply`).
+            training: train/eval flag for every module of the view (``None``: the model's own flags).
+
+        Example:
+        >>> import torch, funclora as fl
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> lora = fl.LoRA(model, fl.LoraConfig(target_modules=["0"], r=2, init_lora_weights=False))
+        >>> adapter, x = lora.init(generator=torch.Generator().manual_seed(0)), torch.randn(3, 4)
+        >>> bound = lora.bind(adapter)
+        >>> torch.equal(bound(x), lora(adapter, x)), torch.allclose(bound(x), model(x))
+        (True, False)
+        >>> bound[0].weight is model[0].weight, bound[1] is model[1]   # the view holds the LoRA; untouched parts are shared
+        (False, True)
+        """
+        if not self._fits(adapter):
+            self.check(adapter)
+        return self._bind(params, adapter, training)
+
+    def _bind(self, params, adapter, training) -> nn.Module:
+        tensors = self._tensors(params, adapter, training)
+        return self._shadower.build(tensors, training=training, forwards=self._linear_forwards)
+
+    def _tensors(self, params, adapter, training) -> dict[str, torch.Tensor]:
+        """Every tensor the call replaces: the overlay, detached base weights, buffer copies."""
         if params is not None:
             tensors = self._untie(params)
-            tensors.update(self._overlay(adapter, tensors))
+            tensors.update(self._overlay(adapter, tensors, training=training))
         elif torch.is_grad_enabled():  # base weights read from the model are constants: gradients reach only the adapter
             tensors = {}
             for name, (owner, leaf) in self._owners.items():  # cached owners: no module-tree walk per call
                 p = owner._parameters.get(leaf)
                 if p is not None and p.requires_grad:
                     tensors[name] = p.detach()
-            tensors.update(self._overlay(adapter, None, detach=True))
+            tensors.update(self._overlay(adapter, None, detach=True, training=training))
         else:
-            tensors = self._overlay(adapter, None)
-        if self.model.training:
+            tensors = self._overlay(adapter, None, training=training)
+        if self.model.training if training is None else training:
             tensors.update(self._buffer_clones())
         for name in self._slot_twins:
             tensors.pop(name, None)
-        try:
-            if torch.compiler.is_compiling():
-                return torch.func.functional_call(self.model, tensors, args, kwargs, tie_weights=False, strict=False)
-            return self._swapped_call(tensors, args, kwargs)
-        except RuntimeError as e:
-            if self._rnn_paths and _NO_RNN_BATCHING.search(str(e)):
-                raise _rnn_vmap_error(self.model, self._rnn_paths, str(e)) from None
-            raise
+        return tensors
 
     def _buffer_clones(self) -> dict[str, torch.Tensor]:
         """A copy of every buffer, for a training-mode forward to update in place (BatchNorm's
         running stats) without touching the model; from cached slots, no module-tree walk."""
         return {name: store[leaf].clone() for name, store, leaf in self._buffer_slots if store[leaf] is not None}
-
-    def _swapped_call(self, tensors: dict[str, torch.Tensor], args, kwargs):
-        """``functional_call(model, tensors, args, kwargs, tie_weights=False)``, lean, for eager mode.
-
-        Each tensor is set in its owner's ``_parameters`` / ``_buffers`` dict (as torch's swap
-        does) and the originals go back afterwards, in reverse order, also on exceptions.
-        """
-        slots = self._slots
-        if not tensors.keys() <= slots.keys():  # a name that is not a plain parameter or buffer
-            return torch.func.functional_call(self.model, tensors, args, kwargs, tie_weights=False, strict=False)
-        saved, direct = [], []
-        try:
-            for name, tensor in tensors.items():
-                store, leaf = slots[name]
-                saved.append((store, leaf, store[leaf]))
-                store[leaf] = tensor
-            for module, forward in self._linear_forwards:  # skip F.linear's __torch_function__ round trip
-                if "forward" not in module.__dict__:
-                    module.__dict__["forward"] = forward
-                    direct.append(module)
-            return self.model(*args, **kwargs)
-        finally:
-            for module in direct:
-                del module.__dict__["forward"]
-            for store, leaf, old in reversed(saved):
-                store[leaf] = old
 
     def _untie(self, params):
         out = dict(params)
@@ -416,18 +429,20 @@ class LoRA:
             raise AdapterMismatchError(f"LoRA: the params dict has no entry {name!r} needed by a target; "
                                        "pass the model's full named_parameters().") from None
 
-    def _overlay(self, adapter: Adapter, params, detach: bool = False) -> dict[str, torch.Tensor]:
+    def _overlay(self, adapter: Adapter, params, detach: bool = False,
+                 training: bool | None = None) -> dict[str, torch.Tensor]:
         out = {}
         for path, (name, store, leaf, a, b, scaling, layout, dropout, groups, module) in self._lazy.items():
             w = store[leaf] if params is None else self._base(name, params)
             factors = adapter[path]  # the common case, built without the rule's generic dict plumbing
+            train = module.training if training is None else training
             out[name] = lora_weight(LoraParts(w.detach() if detach else w, factors[a], factors[b], scaling,
-                                              layout, dropout if module.training else 0.0, path, groups))
+                                              layout, dropout if train else 0.0, path, groups))
         for path, t in self._generic:
             base = {n: self._base(full, params) for n, full in self._base_names[path]}
             if detach:
                 base = {n: w.detach() for n, w in base.items()}
-            dropout = t.dropout if t.module.training else 0.0
+            dropout = t.dropout if (t.module.training if training is None else training) else 0.0
             for n, v in t.rule.overlay(t.module, base, adapter[path], t.scaling, dropout=dropout, path=path).items():
                 out[f"{t.module_path}.{n}"] = v
         for name, path, leaf in self._replaced_names:  # modules_to_save and trained biases
@@ -656,6 +671,13 @@ class _LazyTarget(NamedTuple):
     dropout: float     # lora_dropout, applied while ``module.training``
     groups: int
     module: nn.Module
+
+
+def _linear_forward_of(shadow: nn.Linear):
+    """The instance ``forward`` a targeted ``nn.Linear``'s shadow gets: the factored linear, directly
+    (an instance ``forward`` the module already has is kept)."""
+    own = shadow.__dict__.get("forward")
+    return own if own is not None else partial(linear_forward, shadow)
 
 
 def _builds_lora_weight(rule) -> bool:

@@ -126,8 +126,23 @@ class PeftModel(nn.Module):
 
     def forward(self, *args, **kwargs):
         if self._disabled:
-            return _run_base(self._model, self.training, args, kwargs)
+            return self.lora._shadower.build({}, training=self.training)(*args, **kwargs)
         return self.lora._forward(None, self.adapter, args, kwargs, self.training)
+
+    def generate(self, *args, **kwargs):
+        """The base model's ``generate`` with the adapter applied at every step (PEFT's method).
+
+        It runs on a view of the model bound to the adapter (:meth:`funclora.LoRA.bind`), so every
+        forward ``generate`` makes sees the adapter and the model itself stays untouched.
+        """
+        if not callable(getattr(self._model, "generate", None)):
+            raise AttributeError(f"PeftModel.generate: the base model ({type(self._model).__name__}) has no "
+                                 "`generate` method; call the façade itself for a forward pass.")
+        if self._disabled:
+            bound = self.lora._shadower.build({}, training=self.training)
+        else:
+            bound = self.lora.bind(self.adapter, training=self.training)
+        return bound.generate(*args, **kwargs)
 
     @contextlib.contextmanager
     def disable_adapter(self):
@@ -257,13 +272,6 @@ class PeftModel(nn.Module):
 
     def extra_repr(self) -> str:
         return f"model={type(self._model).__name__}, targets={self.targeted_module_names}"
-
-
-def _run_base(model, training, args, kwargs):
-    from .apply import _training_mode
-
-    with _training_mode(model, training):
-        return model(*args, **kwargs)
 
 
 def _detached(adapter: dict) -> dict:

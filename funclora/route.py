@@ -30,9 +30,9 @@ flags say, and leaves them as they were. Gradients still flow to the stacked ada
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -261,31 +261,14 @@ def _groups(idx: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
 
 
 # --- modules run once per distinct adapter -------------------------------------------------------
-@contextlib.contextmanager
-def _per_adapter_forwards(model: nn.Module, params_of: dict, called: set):
-    """Replace ``forward`` of each module in ``params_of`` (path → fn(u) → params) for the call.
+def _grouped_forward(module, *, params_fn, path, called):
+    """``module``'s forward, run once per distinct adapter on its rows with that adapter's parameters.
 
-    The replacement runs the module's own forward once per distinct adapter on its rows, with
-    that adapter's parameters swapped in. The original ``forward`` is restored on exit.
+    ``module`` is the call's shadow (funclora/shadow.py): the per-adapter parameters are swapped
+    into the shadow's own ``_parameters``, never into the model's.
     """
-    missing = object()
-    saved = []
-    try:
-        for path, params_fn in params_of.items():
-            module = model.get_submodule(path)
-            before = module.__dict__.get("forward", missing)
-            module.forward = _grouped_forward(module, module.forward, params_fn, path, called)
-            saved.append((module, before))
-        yield
-    finally:
-        for module, before in reversed(saved):
-            if before is missing:
-                del module.forward
-            else:
-                module.forward = before
+    forward = module.forward
 
-
-def _grouped_forward(module, forward, params_fn, path, called):
     def routed(*args, **kwargs):
         called.add(path)
         idx = _INDEX.get()
@@ -412,8 +395,6 @@ def route(lora, stacked: dict, index, args: tuple, kwargs: dict):
         >>> out.shape, torch.allclose(out[1], lora(a0, x[1:2])[0], atol=1e-6)
         (torch.Size([3, 3]), True)
     """
-    from .apply import _training_mode
-
     if not torch._C._is_torch_function_enabled():
         raise RuntimeError("LoRA.route: torch function handling is disabled here (DisableTorchFunctionSubclass), "
                            "so the LoRA weights would silently act as the base weights. Call it outside that context.")
@@ -433,19 +414,18 @@ def route(lora, stacked: dict, index, args: tuple, kwargs: dict):
         layered = False
     token = _INDEX.set(idx)
     try:
-        with _training_mode(model, False):
-            if layered:
-                try:
-                    return _route_layers(lora, stacked, idx, args, kwargs)
-                except _NotRoutable as e:
-                    reason = str(e)
-            else:
-                reason = "a target or per-adapter module is not routed layer by layer"
-            if _STRICT.get():
-                raise MaterializationError(
-                    f"funclora.strict: LoRA.route would fall back to one forward pass per distinct adapter: "
-                    f"{reason}. Leave strict mode to allow it.")
-            return _route_per_adapter(lora, stacked, idx, args, kwargs)
+        if layered:
+            try:
+                return _route_layers(lora, stacked, idx, args, kwargs)
+            except _NotRoutable as e:
+                reason = str(e)
+        else:
+            reason = "a target or per-adapter module is not routed layer by layer"
+        if _STRICT.get():
+            raise MaterializationError(
+                f"funclora.strict: LoRA.route would fall back to one forward pass per distinct adapter: "
+                f"{reason}. Leave strict mode to allow it.")
+        return _route_per_adapter(lora, stacked, idx, args, kwargs)
     finally:
         _INDEX.reset(token)
 
@@ -481,8 +461,9 @@ def _route_layers(lora, stacked, idx, args, kwargs):
 
         params_of[path] = params
     called: set = set()
-    with _per_adapter_forwards(model, params_of, called):
-        out = torch.func.functional_call(model, overlay, args, kwargs, tie_weights=False, strict=False)
+    forwards = {path: partial(_grouped_forward, params_fn=params_fn, path=path, called=called)
+                for path, params_fn in params_of.items()}
+    out = lora._shadower.build(overlay, training=False, forwards=forwards)(*args, **kwargs)
     if called != params_of.keys():
         raise _NotRoutable(f"the forward of {sorted(params_of.keys() - called)} was not called (its parameters "
                            "are used directly by its parent)")

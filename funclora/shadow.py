@@ -1,0 +1,261 @@
+"""A call's own view of the model: a shallow shadow of the module tree that holds the overlay.
+
+funclora never writes into the user's model, not even for the duration of a call. Each call
+builds a *shadow*: for every module that must see other tensors than its own (it owns an
+overlay tensor, gets another train/eval flag or another ``forward``), and for each of its
+ancestors, a new object of the same class whose ``__dict__`` is a shallow copy of the
+original's, with its own ``_parameters`` / ``_buffers`` / ``_modules`` dicts. Weights, hooks,
+configs and untouched submodules are shared, never copied (no tensor is copied at all).
+
+The shadow lives as long as something refers to it, so everything that belongs to the call sees
+the call's adapter:
+
+- a checkpoint's recompute in backward (``torch.utils.checkpoint``, transformers' gradient
+  checkpointing) re-enters the shadow's modules, not the model's;
+- ``generate()`` and other multi-forward loops run on the shadow root;
+- another thread, another adapter's call, or a plain ``model(x)`` never sees it.
+
+A module that reaches another module through a plain attribute (``self.head = self.layers[-1]``),
+a list or tuple of modules, or a bound method, gets the shadow's counterpart in its shadow. A
+reference the shadow cannot redirect (a ``functools.partial`` or closure holding a module that
+must be shadowed, e.g. ``torch.compile``'s wrapper) would run the original module with its base
+weights, silently; :class:`Shadower` refuses it when the plan is built instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from typing import Callable, NamedTuple
+
+import torch
+from torch import nn
+
+from .errors import AdapterMismatchError, UnsupportedModuleError
+
+__all__ = ["Shadower"]
+
+
+class _Step(NamedTuple):
+    """How to build one module's shadow (steps run parents first)."""
+
+    module: nn.Module
+    links: tuple[tuple[int, str], ...]          # (parent step, child name) for each place it sits
+    params: tuple[tuple[str, str], ...]         # (leaf, tensor name) set in its ``_parameters``
+    buffers: tuple[tuple[str, str], ...]        # (leaf, tensor name) set in its ``_buffers``
+    remaps: tuple[tuple[str, object], ...]      # (attribute, value template) pointing at shadowed modules
+    forward: str | None                         # key of a replacement ``forward`` factory
+
+
+class Shadower:
+    """Builds call-local shadows of ``model`` (see the module docstring).
+
+    Args:
+        model: the user's model; read, never written.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())
+        >>> shadow = Shadower(model).build({"0.weight": torch.zeros(2, 2)})
+        >>> shadow is model, shadow[0] is model[0], shadow[1] is model[1]   # only what changes is new
+        (False, False, True)
+        >>> torch.count_nonzero(shadow[0].weight).item(), torch.count_nonzero(model[0].weight).item() > 0
+        (0, True)
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self._recipes: dict[tuple, tuple[_Step, ...]] = {}
+        # the module tree once: unique modules in pre-order, with every (parent, name) they sit under
+        self._order: list[nn.Module] = []
+        self._paths: dict[int, str] = {}
+        self._links: dict[int, list[tuple[int, str]]] = {}
+        self._walk(model, "")
+        # tensor name -> (module id, "_parameters" / "_buffers", leaf)
+        self._slots: dict[str, tuple[int, str, str]] = {}
+        for module in self._order:
+            path = self._paths[id(module)]
+            for kind in ("_parameters", "_buffers"):
+                for leaf in getattr(module, kind):
+                    self._slots.setdefault(_join(path, leaf), (id(module), kind, leaf))
+        for name, _ in model.named_parameters(remove_duplicate=False):  # names under a second path
+            self._slots.setdefault(name, self._slot_of(name, "_parameters"))
+        for name, _ in model.named_buffers(remove_duplicate=False):
+            self._slots.setdefault(name, self._slot_of(name, "_buffers"))
+        everything = set(self._paths)
+        for module in self._order:  # refuse references no shadow could redirect, now rather than mid-call
+            self._remaps(module, everything)
+
+    def _walk(self, module: nn.Module, path: str) -> None:
+        self._paths[id(module)] = path
+        self._links[id(module)] = []
+        self._order.append(module)
+        for name, child in module._modules.items():
+            if child is None:
+                continue
+            if id(child) not in self._paths:
+                self._walk(child, _join(path, name))
+            self._links[id(child)].append((id(module), name))
+
+    def _slot_of(self, name: str, kind: str) -> tuple[int, str, str]:
+        prefix, _, leaf = name.rpartition(".")
+        return id(self.model.get_submodule(prefix)), kind, leaf
+
+    def build(self, tensors: dict[str, torch.Tensor], *, training: bool | None = None,
+              forwards: dict[str, Callable[[nn.Module], Callable]] | None = None) -> nn.Module:
+        """A shadow of the model with ``tensors`` in place of its own.
+
+        Args:
+            tensors: ``{parameter or buffer name: Tensor}`` (names as ``named_parameters`` /
+                ``named_buffers`` give them).
+            training: the train/eval flag of every module in the shadow (``None``: the model's own).
+            forwards: ``{module path: factory(shadow module) -> forward}``: an instance ``forward``
+                for that module's shadow.
+
+        Returns:
+            The shadow root: call it (or its ``generate``) like the model.
+        """
+        forwards = forwards or {}
+        key = (tuple(tensors), training is not None, tuple(forwards))
+        steps = self._recipes.get(key)
+        if steps is None:
+            if len(self._recipes) > 64:  # explicit params dicts of many key sets: keep the cache small
+                self._recipes.clear()
+            steps = self._recipes[key] = self._recipe(tensors, training is not None, forwards)
+        shadows: list[nn.Module] = []
+        for module, _, params, buffers, _, forward in steps:
+            shadow = object.__new__(type(module))
+            d = shadow.__dict__
+            d.update(module.__dict__)
+            d["_modules"] = dict(module._modules)
+            d["_parameters"] = p = dict(module._parameters)
+            d["_buffers"] = b = dict(module._buffers)
+            for leaf, name in params:
+                p[leaf] = tensors[name]
+            for leaf, name in buffers:
+                b[leaf] = tensors[name]
+            if training is not None:
+                d["training"] = training
+            if d.get("_compiled_call_impl") is not None:  # compiled for the original module: it would run that
+                d["_compiled_call_impl"] = None
+            if forward is not None:
+                d["forward"] = forwards[forward](shadow)
+            shadows.append(shadow)
+        by_id = None
+        for shadow, step in zip(shadows, steps):
+            for parent, name in step.links:
+                shadows[parent]._modules[name] = shadow
+            if step.remaps:
+                by_id = by_id or {id(s.module): t for s, t in zip(steps, shadows)}
+                for attr, value in step.remaps:
+                    shadow.__dict__[attr] = _redirect(value, by_id)
+        return shadows[0]
+
+    def _recipe(self, tensors, all_modules: bool, forwards) -> tuple[_Step, ...]:
+        """Which modules get a shadow (changed ones, whoever refers to them, their ancestors), in order."""
+        owners: dict[int, tuple[list, list]] = {}
+        for name in tensors:
+            try:
+                mid, kind, leaf = self._slots[name]
+            except KeyError:
+                raise AdapterMismatchError(
+                    f"LoRA.apply: the params dict names {name!r}, which is not a parameter or buffer of the "
+                    f"model ({type(self.model).__name__}); pass names as model.named_parameters() gives "
+                    "them.") from None
+            owners.setdefault(mid, ([], []))[kind == "_buffers"].append((leaf, name))
+        forward_of = {}
+        for path in forwards:
+            forward_of[id(self.model.get_submodule(path))] = path
+        changed = {id(m) for m in self._order} if all_modules else set(owners) | set(forward_of)
+        chosen = self._close(changed)
+        remaps = {mid: self._remaps(module, chosen) for mid, module in
+                  ((id(m), m) for m in self._order) if mid in chosen}
+        index = {mid: i for i, mid in enumerate(m for m in map(id, self._order) if m in chosen)}
+        steps = []
+        for module in self._order:
+            mid = id(module)
+            if mid not in chosen:
+                continue
+            params, buffers = owners.get(mid, ((), ()))
+            links = tuple((index[parent], name) for parent, name in self._links[mid] if parent in index)
+            steps.append(_Step(module, links, tuple(params), tuple(buffers), remaps[mid], forward_of.get(mid)))
+        return tuple(steps)
+
+    def _close(self, changed: set[int]) -> set[int]:
+        """``changed``, every module whose attributes refer to a chosen one, and all their ancestors."""
+        chosen: set[int] = set()
+        todo = list(changed)
+        while todo:
+            while todo:
+                mid = todo.pop()
+                if mid in chosen:
+                    continue
+                chosen.add(mid)
+                todo.extend(parent for parent, _ in self._links[mid])
+            for module in self._order:
+                if id(module) not in chosen and self._remaps(module, chosen):
+                    todo.append(id(module))
+        return chosen
+
+    def _remaps(self, module: nn.Module, chosen: set[int]) -> tuple[tuple[str, object], ...]:
+        """The attributes of ``module`` (outside ``_modules``) that refer to a module in ``chosen``."""
+        out = []
+        for attr, value in module.__dict__.items():
+            if attr.startswith("_") and attr in _MODULE_INTERNALS:
+                continue
+            if _refers(value, chosen):
+                out.append((attr, value))
+            elif _hides(value, chosen):
+                path = self._paths[id(module)] or "<root>"
+                raise UnsupportedModuleError(
+                    f"LoRA: {path!r} ({type(module).__name__}) holds a module of the model inside its attribute "
+                    f"{attr!r} (a {type(value).__name__}). funclora runs each call on its own view of the module "
+                    "tree and cannot redirect such a reference, so that module would run with its own weights, "
+                    "without the adapter. Keep submodules as attributes, in lists or as bound methods (not in "
+                    "a functools.partial or a closure); for torch.compile, pass the uncompiled model and "
+                    "compile the LoRA call (torch.compile(lora)) instead.")
+        return tuple(out)
+
+
+_MODULE_INTERNALS = frozenset(nn.Module().__dict__) | {"_compiled_call_impl"}  # the latter: nulled in build
+
+
+def _refers(value, chosen: set[int]) -> bool:
+    """Whether ``value`` is a module in ``chosen`` or a list / tuple / bound method reaching one directly."""
+    if isinstance(value, nn.Module):
+        return id(value) in chosen
+    if type(value) in (list, tuple):
+        return any(isinstance(v, nn.Module) and id(v) in chosen for v in value)
+    if isinstance(value, types.MethodType):
+        return isinstance(value.__self__, nn.Module) and id(value.__self__) in chosen
+    return False
+
+
+def _hides(value, chosen: set[int]) -> bool:
+    """Whether ``value`` is a partial or closure holding a module in ``chosen`` (cannot be redirected)."""
+    if isinstance(value, functools.partial):
+        inner = (value.func, *value.args, *value.keywords.values())
+        return any(_refers(v, chosen) or _hides(v, chosen) for v in inner)
+    if isinstance(value, types.FunctionType) and value.__closure__:
+        for cell in value.__closure__:
+            try:
+                content = cell.cell_contents
+            except ValueError:  # an empty cell
+                continue
+            if _refers(content, chosen) or (content is not value and isinstance(content, types.FunctionType)
+                                            and _hides(content, chosen)):
+                return True
+    return False
+
+
+def _redirect(value, by_id: dict[int, nn.Module]):
+    """``value`` with each shadowed module replaced by its shadow."""
+    if isinstance(value, nn.Module):
+        return by_id.get(id(value), value)
+    if isinstance(value, types.MethodType):
+        return types.MethodType(value.__func__, by_id.get(id(value.__self__), value.__self__))
+    return type(value)(by_id.get(id(v), v) if isinstance(v, nn.Module) else v for v in value)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
