@@ -34,6 +34,12 @@ Method:
 * ``compile_train``: the training step (loss function) under ``torch.compile(fullgraph=True)``,
   backward included; ``compile_time`` is the first call (compilation) in seconds, each side
   with a fresh inductor cache (``--warm-compile-cache`` lets the second reuse the first's).
+* ``threads`` (workload ``mlp_b64``): inference throughput of 2 threads sharing one base model
+  (``torch.set_num_threads(1)``; funclora: one adapter per thread, PEFT: its one active adapter)
+  over one thread, every output checked against a serial run; ideal is 2.0 on 2 cores.
+* ``llama_checkpointing``: the Llama-like training step with transformers' gradient checkpointing
+  (``use_reentrant=False``) on both sides: time and peak memory (compare ``peak_memory_train`` with
+  the ``llama`` row for what checkpointing saves).
 * ``overhead_per_layer`` (workload ``tiny``: 4 ``Linear(8, 8)``, batch 1): (time per call −
   the base model's) / number of adapted layers, in µs, inference.
 
@@ -83,6 +89,7 @@ class Workload:
     loss: Callable[[Any, Any], torch.Tensor]
     dtype: torch.dtype = torch.float32
     factors_in_base_dtype: bool = False     # funclora init(dtype="base"), PEFT autocast_adapter_dtype=False
+    checkpointing: bool = False             # transformers gradient checkpointing on (both sides)
     metrics: tuple = ("train", "train_func_grad", "infer", "merged", "memory", "compile")
     note: str = ""
 
@@ -108,8 +115,9 @@ def _mlp(batch: int) -> Workload:
         x, y = torch.randn(batch, 20, generator=g), torch.randint(0, 2, (batch,), generator=g)
         return (x.to(device),), {}, y.to(device)
 
+    metrics = Workload.metrics + (("threads",) if batch == 64 else ())
     return Workload(f"mlp_b{batch}", MLP, dict(target_modules=["seq.0", "seq.2"], modules_to_save=["seq.4"]),
-                    data, _nll, note="seed MLP 20-2000-2000-2, LoRA r=8 on seq.0/seq.2, seq.4 saved")
+                    data, _nll, metrics=metrics, note="seed MLP 20-2000-2000-2, LoRA r=8 on seq.0/seq.2, seq.4 saved")
 
 
 def _poolformer(batch: int, image: int) -> Workload:
@@ -137,7 +145,8 @@ def _tokens(batch, seq, vocab):
     return data
 
 
-def _llama(hidden, layers, seq, batch, vocab, dtype, all_linear=False, base_dtype_factors=False) -> Workload:
+def _llama(hidden, layers, seq, batch, vocab, dtype, all_linear=False, base_dtype_factors=False,
+           checkpointing=False) -> Workload:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     heads = max(4, hidden // 128)
@@ -155,13 +164,20 @@ def _llama(hidden, layers, seq, batch, vocab, dtype, all_linear=False, base_dtyp
     else:
         targets, name, what = ["q_proj", "v_proj"], "llama", "q_proj/v_proj (PEFT's default for llama)"
     factors = ""
+    if checkpointing:
+        name, factors = f"{name}_checkpointing", ", gradient checkpointing on (use_reentrant=False)"
     if base_dtype_factors:
         name, factors = f"{name}_{str(dtype).removeprefix('torch.')}_factors", (
             f", factors in {str(dtype).removeprefix('torch.')} too (funclora init(dtype='base'), "
             "PEFT autocast_adapter_dtype=False)")
+    metrics = Workload.metrics
+    if all_linear or base_dtype_factors:
+        metrics = ("train", "infer", "memory")
+    if checkpointing:
+        metrics = ("train", "memory")
     return Workload(name, build, dict(target_modules=targets, r=16, lora_alpha=32), _tokens(batch, seq, vocab),
-                    _lm_loss, dtype=dtype, factors_in_base_dtype=base_dtype_factors,
-                    metrics=("train", "infer", "memory") if all_linear or base_dtype_factors else Workload.metrics,
+                    _lm_loss, dtype=dtype, factors_in_base_dtype=base_dtype_factors, checkpointing=checkpointing,
+                    metrics=metrics,
                     note=f"Llama-like: hidden {hidden}, {layers} layers, inter {inter}, vocab {vocab}, "
                          f"seq {seq}, batch {batch}, {str(dtype).removeprefix('torch.')}, LoRA r=16 on {what}"
                          + factors)
@@ -211,12 +227,13 @@ def workloads(device: str, quick: bool, dtype: str) -> list[Workload]:
         pool = _poolformer(8, 64)
         gpt2 = _gpt2(256, 4, 128, 8, 8192)
     llama, llama_all = _llama(*shape), _llama(*shape, all_linear=True)
+    llama_ckpt = _llama(*shape, checkpointing=True)
     if cuda:  # the GPU targets are on the Llama-like model: measure it first, while the budget is fresh
-        out = [llama, _tiny(), _mlp(64), _mlp(1024), gpt2, pool, llama_all]
+        out = [llama, _tiny(), _mlp(64), _mlp(1024), gpt2, pool, llama_all, llama_ckpt]
         if lm_dtype != torch.float32:  # also with half-precision factors: the branch then runs on tensor cores
             out.insert(1, _llama(*shape, base_dtype_factors=True))
         return out
-    out = [_tiny(), _mlp(64), _mlp(1024), pool, llama, llama_all, gpt2]
+    out = [_tiny(), _mlp(64), _mlp(1024), pool, llama, llama_ckpt, llama_all, gpt2]
     if quick:  # compile and the memory subprocesses only where they are cheap
         for w in out:
             if w.name != "mlp_b64":
@@ -244,6 +261,12 @@ def build_model(wl: Workload, device) -> nn.Module:
     torch.manual_seed(0)
     with torch.device(device):
         model = wl.build()
+    if wl.checkpointing:
+        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers 5's name
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model.to(dtype=wl.dtype).requires_grad_(False)
 
 
@@ -455,7 +478,7 @@ def run_workload(wl: Workload, args, timer: Timer, budget: Budget, emit) -> None
     print(f"  [{wl.name}] funclora vs PEFT outputs: max |diff| = {diff:.2e}", flush=True)
 
     steps = [("train", m_train), ("train_func_grad", m_func_grad), ("infer", m_infer), ("memory", m_memory),
-             ("merged", m_merged), ("compile", m_compile)]
+             ("merged", m_merged), ("compile", m_compile), ("threads", m_threads)]
     for metric, fn in steps:
         if metric not in wl.metrics and not (metric == "infer" and "overhead" in wl.metrics):
             continue
@@ -547,6 +570,56 @@ def m_merged(st):
     emit(row(wl.name, "infer_merged", t["funclora"] * sc, t["peft"] * sc, st["unit"], base=t["base"] * sc,
              note=f"merged outputs agree to {diff:.1e}"))
     emit(row(wl.name, "infer_merged_vs_base", t["funclora"] / t["base"], t["peft"] / t["base"], "x base"))
+
+
+def m_threads(st):
+    """Throughput of 2 threads sharing one base model (1 intra-op thread each) over 1 thread.
+
+    funclora: thread k runs its own adapter (two adapters, one model); PEFT: both threads run its
+    one active adapter (it has no per-call adapter). Every output is checked against a serial run.
+    """
+    import threading
+
+    wl, lora, (args, kwargs, _) = st["wl"], st["lora"], st["batch"]
+    st["model"].eval(), st["peft_model"].eval()
+    adapter = {p: {k: v.detach() for k, v in d.items()} for p, d in st["adapter"].items()}
+    other = {p: {k: v + 0.01 for k, v in d.items()} for p, d in adapter.items()}
+    calls = {"funclora": [lambda: lora(adapter, *args, **kwargs), lambda: lora(other, *args, **kwargs)],
+             "peft": [lambda: st["peft_model"](*args, **kwargs)] * 2}
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            speedup, wrong = {}, {}
+            for side, fns in calls.items():
+                want = [fn() for fn in fns]
+                n = max(20, int((0.2 if st["args"].quick else 0.5) / max(_wall(fns[0]), 1e-6)))
+                bad = []
+
+                def work(k, fn=None, want_k=None):
+                    for _ in range(n):
+                        out = fn()
+                        if not torch.equal(out, want_k):
+                            bad.append(k)
+
+                one = min(_wall(lambda: work(0, fns[0], want[0])) for _ in range(3))
+                two = []
+                for _ in range(3):
+                    ts = [threading.Thread(target=work, args=(k, fns[k], want[k])) for k in range(2)]
+                    two.append(_wall(lambda: ([t.start() for t in ts], [t.join() for t in ts])))
+                speedup[side] = 2 * one / min(two)
+                wrong[side] = len(bad)
+    finally:
+        torch.set_num_threads(threads_before)
+    st["emit"](row(wl.name, "threads", speedup["funclora"], speedup["peft"], "x one thread",
+                   note=f"throughput of 2 threads (1 intra-op thread each) / 1 thread; wrong outputs: "
+                        f"funclora {wrong['funclora']}, PEFT {wrong['peft']}"))
+
+
+def _wall(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 _COMPILE_WARM = []

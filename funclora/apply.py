@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-from functools import partial
 from typing import NamedTuple
 
 import optree
@@ -51,7 +50,7 @@ from torch import nn
 from .config import LoraConfig
 from .distributed import fsdp_units, fully_shard_used, sharded_forward
 from .errors import AdapterMismatchError
-from .lazy import LoraParts, linear_forward, lora_weight
+from .lazy import LoraParts, linear_view, lora_weight
 from .rules import Factor, _FactoredRule, init_factor
 from .shadow import Shadower
 from .targeting import Plan, make_plan
@@ -154,11 +153,11 @@ class LoRA:
                                         getattr(t.module, "groups", 1), t.module)
                       for path, t in self.plan.targets.items()
                       if _builds_lora_weight(t.rule) and f"{t.module_path}.weight" in self._slots}
-        # nn.Linear targets (classes that keep Linear's forward): the eager forward runs them through
-        # lazy.linear_forward, which computes the same factored linear without the dispatch round trip
-        self._linear_forwards = {self.plan.targets[path].module_path: _linear_forward_of
-                                 for path, spec in self._lazy.items()
-                                 if spec.layout == "linear" and type(spec.module).forward is nn.Linear.forward}
+        # nn.Linear targets (classes that keep Linear's forward): in an eager call their view is a
+        # lazy.linear_view, which computes the factored linear without building the lazy weight
+        self._linear_views = {path: (self.plan.targets[path].module_path, linear_view(type(spec.module)))
+                              for path, spec in self._lazy.items()
+                              if spec.layout == "linear" and type(spec.module).forward is nn.Linear.forward}
         # each call runs on its own shallow shadow of the module tree (funclora/shadow.py)
         self._shadower = Shadower(model)
         self._generic = tuple((path, t) for path, t in self.plan.targets.items() if path not in self._lazy)
@@ -381,23 +380,28 @@ class LoRA:
         return self._bind(params, adapter, training)
 
     def _bind(self, params, adapter, training) -> nn.Module:
-        tensors = self._tensors(params, adapter, training)
-        return self._shadower.build(tensors, training=training, forwards=self._linear_forwards)
+        views: dict = {}
+        tensors = self._tensors(params, adapter, training, views)
+        return self._shadower.build(tensors, training=training, views=views)
 
-    def _tensors(self, params, adapter, training) -> dict[str, torch.Tensor]:
-        """Every tensor the call replaces: the overlay, detached base weights, buffer copies."""
+    def _tensors(self, params, adapter, training, views: dict | None = None) -> dict[str, torch.Tensor]:
+        """Every tensor the call replaces: the overlay, detached base weights, buffer copies.
+
+        With ``views`` (a dict to fill), targeted ``nn.Linear`` modules get ``{module path:
+        (view class, LoraParts)}`` there instead of a lazy weight (see ``lazy.linear_view``).
+        """
         if params is not None:
             tensors = self._untie(params)
-            tensors.update(self._overlay(adapter, tensors, training=training))
+            tensors.update(self._overlay(adapter, tensors, training=training, views=views))
         elif torch.is_grad_enabled():  # base weights read from the model are constants: gradients reach only the adapter
             tensors = {}
             for name, (owner, leaf) in self._owners.items():  # cached owners: no module-tree walk per call
                 p = owner._parameters.get(leaf)
                 if p is not None and p.requires_grad:
                     tensors[name] = p.detach()
-            tensors.update(self._overlay(adapter, None, detach=True, training=training))
+            tensors.update(self._overlay(adapter, None, detach=True, training=training, views=views))
         else:
-            tensors = self._overlay(adapter, None, training=training)
+            tensors = self._overlay(adapter, None, training=training, views=views)
         if self.model.training if training is None else training:
             tensors.update(self._buffer_clones())
         for name in self._slot_twins:
@@ -429,15 +433,21 @@ class LoRA:
             raise AdapterMismatchError(f"LoRA: the params dict has no entry {name!r} needed by a target; "
                                        "pass the model's full named_parameters().") from None
 
-    def _overlay(self, adapter: Adapter, params, detach: bool = False,
-                 training: bool | None = None) -> dict[str, torch.Tensor]:
+    def _overlay(self, adapter: Adapter, params, detach: bool = False, training: bool | None = None,
+                 views: dict | None = None) -> dict[str, torch.Tensor]:
         out = {}
+        linear_views = self._linear_views if views is not None else {}
         for path, (name, store, leaf, a, b, scaling, layout, dropout, groups, module) in self._lazy.items():
             w = store[leaf] if params is None else self._base(name, params)
             factors = adapter[path]  # the common case, built without the rule's generic dict plumbing
             train = module.training if training is None else training
-            out[name] = lora_weight(LoraParts(w.detach() if detach else w, factors[a], factors[b], scaling,
-                                              layout, dropout if train else 0.0, path, groups))
+            parts = LoraParts(w.detach() if detach else w, factors[a], factors[b], scaling, layout,
+                              dropout if train else 0.0, path, groups)
+            view = linear_views.get(path)
+            if view is None:
+                out[name] = lora_weight(parts)
+            else:
+                views[view[0]] = view[1], parts
         for path, t in self._generic:
             base = {n: self._base(full, params) for n, full in self._base_names[path]}
             if detach:
@@ -671,13 +681,6 @@ class _LazyTarget(NamedTuple):
     dropout: float     # lora_dropout, applied while ``module.training``
     groups: int
     module: nn.Module
-
-
-def _linear_forward_of(shadow: nn.Linear):
-    """The instance ``forward`` a targeted ``nn.Linear``'s shadow gets: the factored linear, directly
-    (an instance ``forward`` the module already has is kept)."""
-    own = shadow.__dict__.get("forward")
-    return own if own is not None else partial(linear_forward, shadow)
 
 
 def _builds_lora_weight(rule) -> bool:

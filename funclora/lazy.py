@@ -226,16 +226,39 @@ def _linear(input, weight, bias=None):
     return _add_product(out, _lora_a(input, parts), parts.B, parts.scaling)
 
 
-def linear_forward(module: torch.nn.Linear, input: torch.Tensor) -> torch.Tensor:
-    """``nn.Linear.forward``, calling the factored linear directly when the weight is lazy.
+def linear_view(cls: type) -> type:
+    """The class of a call's view of a targeted ``cls`` (an ``nn.Linear`` keeping Linear's forward).
 
-    The eager forward installs it on targeted Linears for the duration of a call: same result as
-    ``F.linear`` on the :class:`LoraWeight`, minus ``__torch_function__``'s round trip.
+    Its ``forward`` computes the factored linear straight from the ``LoraParts`` in the view's
+    ``_view_state`` (no lazy weight, no ``__torch_function__`` round trip: the hot path of an
+    eager call), and its ``weight`` attribute is the lazy :class:`LoraWeight`, built the first
+    time anything reads it (a parent reading ``self.fc.weight``, an instance ``forward``, a
+    hook). Same results as ``F.linear`` on the lazy weight.
     """
-    weight, bias = module._parameters["weight"], module._parameters["bias"]
-    if _factored_linear(input, weight, bias):
-        return _linear(input, weight, bias)
-    return F.linear(input, weight, bias)
+    view = _LINEAR_VIEWS.get(cls)
+    if view is None:
+        view = _LINEAR_VIEWS[cls] = type(cls.__name__, (cls,), {
+            "__module__": cls.__module__, "__qualname__": cls.__qualname__,
+            "forward": _view_forward, "weight": property(_view_weight, doc="The lazy LoRA weight.")})
+    return view
+
+
+_LINEAR_VIEWS: dict[type, type] = {}
+
+
+def _view_forward(self, input: torch.Tensor) -> torch.Tensor:
+    parts, bias = self.__dict__["_view_state"], self._parameters["bias"]
+    if type(input) is not LoraWeight and type(bias) is not LoraWeight:
+        return _add_product(F.linear(input, parts.base, bias), _lora_a(input, parts), parts.B, parts.scaling)
+    return F.linear(input, self.weight, bias)
+
+
+def _view_weight(self) -> "LoraWeight":
+    d = self.__dict__
+    weight = d.get("_lora_weight")
+    if weight is None:
+        weight = d["_lora_weight"] = lora_weight(d["_view_state"])
+    return weight
 
 
 def _factored_linear(input, weight, bias) -> bool:

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextvars
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -261,15 +260,16 @@ def _groups(idx: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
 
 
 # --- modules run once per distinct adapter -------------------------------------------------------
-def _grouped_forward(module, *, params_fn, path, called):
-    """``module``'s forward, run once per distinct adapter on its rows with that adapter's parameters.
+def _grouped_forward(params_fn, path: str, called: set):
+    """A ``forward(module, *args, **kwargs)`` that runs the module's class forward once per distinct
+    adapter on its rows, with that adapter's parameters.
 
     ``module`` is the call's shadow (funclora/shadow.py): the per-adapter parameters are swapped
     into the shadow's own ``_parameters``, never into the model's.
     """
-    forward = module.forward
 
-    def routed(*args, **kwargs):
+    def routed(module, *args, **kwargs):
+        forward = type(module).forward.__get__(module)
         called.add(path)
         idx = _INDEX.get()
         n = idx.shape[0]
@@ -461,8 +461,7 @@ def _route_layers(lora, stacked, idx, args, kwargs):
 
         params_of[path] = params
     called: set = set()
-    forwards = {path: partial(_grouped_forward, params_fn=params_fn, path=path, called=called)
-                for path, params_fn in params_of.items()}
+    forwards = {path: _grouped_forward(params_fn, path, called) for path, params_fn in params_of.items()}
     out = lora._shadower.build(overlay, training=False, forwards=forwards)(*args, **kwargs)
     if called != params_of.keys():
         raise _NotRoutable(f"the forward of {sorted(params_of.keys() - called)} was not called (its parameters "

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import types
+from types import MethodType
 from typing import Callable, NamedTuple
 
 import torch
@@ -44,7 +45,8 @@ class _Step(NamedTuple):
     params: tuple[tuple[str, str], ...]         # (leaf, tensor name) set in its ``_parameters``
     buffers: tuple[tuple[str, str], ...]        # (leaf, tensor name) set in its ``_buffers``
     remaps: tuple[tuple[str, object], ...]      # (attribute, value template) pointing at shadowed modules
-    forward: str | None                         # key of a replacement ``forward`` factory
+    forward: str | None                         # key of its replacement ``forward`` in ``forwards``
+    view: str | None                            # key of its ``(class, state)`` in ``views``
 
 
 class Shadower:
@@ -65,7 +67,7 @@ class Shadower:
 
     def __init__(self, model: nn.Module):
         self.model = model
-        self._recipes: dict[tuple, tuple[_Step, ...]] = {}
+        self._recipes: dict[tuple, tuple[tuple[_Step, ...], bool]] = {}  # key -> (steps, needs _finish)
         # the module tree once: unique modules in pre-order, with every (parent, name) they sit under
         self._order: list[nn.Module] = []
         self._paths: dict[int, str] = {}
@@ -102,56 +104,77 @@ class Shadower:
         return id(self.model.get_submodule(prefix)), kind, leaf
 
     def build(self, tensors: dict[str, torch.Tensor], *, training: bool | None = None,
-              forwards: dict[str, Callable[[nn.Module], Callable]] | None = None) -> nn.Module:
+              forwards: dict[str, Callable] | None = None,
+              views: dict[str, tuple[type, object]] | None = None) -> nn.Module:
         """A shadow of the model with ``tensors`` in place of its own.
 
         Args:
             tensors: ``{parameter or buffer name: Tensor}`` (names as ``named_parameters`` /
                 ``named_buffers`` give them).
             training: the train/eval flag of every module in the shadow (``None``: the model's own).
-            forwards: ``{module path: factory(shadow module) -> forward}``: an instance ``forward``
-                for that module's shadow.
+            forwards: ``{module path: function(module, *args, **kwargs)}``: bound to that module's
+                shadow as its instance ``forward`` (a module with an instance ``forward`` of its own
+                keeps it).
+            views: ``{module path: (class, state)}``: that module's shadow is an instance of
+                ``class`` (a subclass of the module's own) with ``state`` in its ``_view_state``.
 
         Returns:
             The shadow root: call it (or its ``generate``) like the model.
         """
-        forwards = forwards or {}
-        key = (tuple(tensors), training is not None, tuple(forwards))
-        steps = self._recipes.get(key)
-        if steps is None:
+        forwards, views = forwards or {}, views or {}
+        key = (tuple(tensors), training is not None, tuple(forwards), tuple(views))
+        recipe = self._recipes.get(key)
+        if recipe is None:
             if len(self._recipes) > 64:  # explicit params dicts of many key sets: keep the cache small
                 self._recipes.clear()
-            steps = self._recipes[key] = self._recipe(tensors, training is not None, forwards)
+            steps = self._recipe(tensors, training is not None, forwards, views)
+            late = any(parent >= i for i, step in enumerate(steps) for parent, _ in step.links)
+            recipe = self._recipes[key] = steps, late or any(step.remaps for step in steps)
+        steps, late = recipe
         shadows: list[nn.Module] = []
-        for module, _, params, buffers, _, forward in steps:
-            shadow = object.__new__(type(module))
-            d = shadow.__dict__
-            d.update(module.__dict__)
-            d["_modules"] = dict(module._modules)
-            d["_parameters"] = p = dict(module._parameters)
-            d["_buffers"] = b = dict(module._buffers)
-            for leaf, name in params:
-                p[leaf] = tensors[name]
-            for leaf, name in buffers:
-                b[leaf] = tensors[name]
+        for module, links, params, buffers, remaps, forward, view in steps:  # hot path: kept lean
+            src = module.__dict__
+            d = src.copy()
+            if src["_modules"]:  # (empty dicts are shared: nothing is set in them)
+                d["_modules"] = src["_modules"].copy()
+            if src["_parameters"]:
+                d["_parameters"] = p = src["_parameters"].copy()
+                for leaf, name in params:
+                    p[leaf] = tensors[name]
+            if src["_buffers"]:
+                d["_buffers"] = b = src["_buffers"].copy()
+                for leaf, name in buffers:
+                    b[leaf] = tensors[name]
             if training is not None:
                 d["training"] = training
             if d.get("_compiled_call_impl") is not None:  # compiled for the original module: it would run that
                 d["_compiled_call_impl"] = None
-            if forward is not None:
-                d["forward"] = forwards[forward](shadow)
+            if view is None:
+                shadow = _new(type(module))
+            else:
+                cls, d["_view_state"] = views[view]
+                shadow = _new(cls)
+            _object_setattr(shadow, "__dict__", d)
+            if forward is not None and "forward" not in src:
+                d["forward"] = MethodType(forwards[forward], shadow)
+            for parent, name in links:
+                if parent < len(shadows):
+                    shadows[parent].__dict__["_modules"][name] = shadow
             shadows.append(shadow)
-        by_id = None
-        for shadow, step in zip(shadows, steps):
-            for parent, name in step.links:
-                shadows[parent]._modules[name] = shadow
-            if step.remaps:
-                by_id = by_id or {id(s.module): t for s, t in zip(steps, shadows)}
-                for attr, value in step.remaps:
-                    shadow.__dict__[attr] = _redirect(value, by_id)
+        if late:
+            self._finish(steps, shadows)
         return shadows[0]
 
-    def _recipe(self, tensors, all_modules: bool, forwards) -> tuple[_Step, ...]:
+    def _finish(self, steps, shadows) -> None:
+        """Links to a parent built later (a module shared under two paths) and redirected attributes."""
+        by_id = {id(step.module): shadow for step, shadow in zip(steps, shadows)}
+        for shadow, step in zip(shadows, steps):
+            for parent, name in step.links:
+                shadows[parent].__dict__["_modules"][name] = shadow
+            for attr, value in step.remaps:
+                shadow.__dict__[attr] = _redirect(value, by_id)
+
+    def _recipe(self, tensors, all_modules: bool, forwards, views) -> tuple[_Step, ...]:
         """Which modules get a shadow (changed ones, whoever refers to them, their ancestors), in order."""
         owners: dict[int, tuple[list, list]] = {}
         for name in tensors:
@@ -163,10 +186,9 @@ class Shadower:
                     f"model ({type(self.model).__name__}); pass names as model.named_parameters() gives "
                     "them.") from None
             owners.setdefault(mid, ([], []))[kind == "_buffers"].append((leaf, name))
-        forward_of = {}
-        for path in forwards:
-            forward_of[id(self.model.get_submodule(path))] = path
-        changed = {id(m) for m in self._order} if all_modules else set(owners) | set(forward_of)
+        forward_of = {id(self.model.get_submodule(path)): path for path in forwards}
+        view_of = {id(self.model.get_submodule(path)): path for path in views}
+        changed = {id(m) for m in self._order} if all_modules else set(owners) | set(forward_of) | set(view_of)
         chosen = self._close(changed)
         remaps = {mid: self._remaps(module, chosen) for mid, module in
                   ((id(m), m) for m in self._order) if mid in chosen}
@@ -178,7 +200,8 @@ class Shadower:
                 continue
             params, buffers = owners.get(mid, ((), ()))
             links = tuple((index[parent], name) for parent, name in self._links[mid] if parent in index)
-            steps.append(_Step(module, links, tuple(params), tuple(buffers), remaps[mid], forward_of.get(mid)))
+            steps.append(_Step(module, links, tuple(params), tuple(buffers), remaps[mid], forward_of.get(mid),
+                               view_of.get(mid)))
         return tuple(steps)
 
     def _close(self, changed: set[int]) -> set[int]:
@@ -217,6 +240,8 @@ class Shadower:
         return tuple(out)
 
 
+_new = object.__new__
+_object_setattr = object.__setattr__
 _MODULE_INTERNALS = frozenset(nn.Module().__dict__) | {"_compiled_call_impl"}  # the latter: nulled in build
 
 

@@ -289,8 +289,8 @@ class ReadsWeightDirectly(nn.Module):
 
 @pytest.mark.parametrize("training", [False, True])
 def test_eager_linear_shortcut_equals_the_lazy_weight_path(training):
-    """Eager calls run targeted nn.Linears through lazy.linear_forward (no __torch_function__ round
-    trip). It must give bit-identical outputs and gradients to torch's functional_call with the
+    """Eager calls run targeted nn.Linears as lazy.linear_view (no lazy weight, no __torch_function__
+    round trip). It must give bit-identical outputs and gradients to torch's functional_call with the
     same lazy weights, leave no attribute behind (also when the call fails), keep a Linear
     subclass's own forward and an instance forward, and run the module's hooks."""
     torch.manual_seed(0)
@@ -301,7 +301,7 @@ def test_eager_linear_shortcut_equals_the_lazy_weight_path(training):
     before = snapshot(model)
     lora = fl.LoRA(model, fl.LoraConfig(target_modules=["fc", "own", "custom", "head"], r=2, lora_dropout=0.3,
                                         bias="lora_only"))
-    assert list(lora._linear_forwards) == ["fc", "custom", "head"]
+    assert list(lora._linear_views) == ["fc", "custom", "head"]
     adapter = {p: {k: v.requires_grad_() for k, v in leaves.items()} for p, leaves in random_adapter(lora, 0.5).items()}
     x = torch.randn(4, 5)
 
