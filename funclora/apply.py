@@ -339,10 +339,10 @@ class LoRA:
                 return sharded_forward(self, params, adapter, args, kwargs, training, units)
         try:
             if torch.compiler.is_compiling():  # traced: functional_call's swap is compiled away
+                if training is None:
+                    return self._traced_call(params, adapter, args, kwargs)
                 with _training_mode(self.model, training):
-                    tensors = self._tensors(params, adapter, None)
-                    return torch.func.functional_call(self.model, tensors, args, kwargs, tie_weights=False,
-                                                      strict=False)
+                    return self._traced_call(params, adapter, args, kwargs)
             return self._bind(params, adapter, training)(*args, **kwargs)
         except RuntimeError as e:
             if self._rnn_paths and _NO_RNN_BATCHING.search(str(e)):
@@ -383,6 +383,11 @@ class LoRA:
         views: dict = {}
         tensors = self._tensors(params, adapter, training, views)
         return self._shadower.build(tensors, training=training, views=views)
+
+    def _traced_call(self, params, adapter, args, kwargs):
+        """The forward while torch.compile traces: ``functional_call`` (its swap is not run, only traced)."""
+        tensors = self._tensors(params, adapter, None)
+        return torch.func.functional_call(self.model, tensors, args, kwargs, tie_weights=False, strict=False)
 
     def _tensors(self, params, adapter, training, views: dict | None = None) -> dict[str, torch.Tensor]:
         """Every tensor the call replaces: the overlay, detached base weights, buffer copies.

@@ -195,10 +195,12 @@ def _check_tensors(name: str, leaves, what: str = "leaf") -> None:
 
 # --- FSDP2 (fully_shard) bases ------------------------------------------------------------------
 
+@torch.compiler.assume_constant_result  # torch.compile (before 2.12) cannot trace type.__subclasses__
 def fully_shard_used() -> bool:
     """Whether FSDP2's ``fully_shard`` was applied to any module in this process (a cheap test).
 
-    ``fully_shard`` gives each module it shards a new class deriving from ``FSDPModule``.
+    ``fully_shard`` gives each module it shards a new class deriving from ``FSDPModule``. While
+    torch.compile traces, the answer is taken once, as a constant of the compiled graph.
     """
     fsdp = sys.modules.get("torch.distributed.fsdp")
     cls = getattr(fsdp, "FSDPModule", None) if fsdp is not None else None

@@ -66,3 +66,22 @@ def test_compile_fullgraph(case):
     for p in grads:
         for k in grads[p]:
             torch.testing.assert_close(leaves[p][k].grad, grads[p][k], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_compile_does_not_recompile_when_adapter_values_change(case):
+    """One graph serves every adapter of the same shapes, also with FSDP imported (funclora then
+    asks per call whether FSDP2 sharded the model: torch.compile takes that answer as a constant)."""
+    import torch.distributed.fsdp  # noqa: F401
+
+    lora, args, loss = case
+    torch._dynamo.reset()
+    step = torch.compile(lambda a, *xs: loss(lora(a, *xs)), fullgraph=True)
+    step(random_adapter(lora, seed=0), *args)
+    torch.compiler.set_stance("fail_on_recompile")
+    try:
+        for seed in (1, 2):
+            adapter = random_adapter(lora, seed=seed)
+            torch.testing.assert_close(step(adapter, *args), loss(lora(adapter, *args)), atol=1e-5, rtol=1e-5)
+    finally:
+        torch.compiler.set_stance("default")
