@@ -750,6 +750,10 @@ def markdown(rows: list[dict]) -> str:
     for r in per_layer:
         lines.append(f"\n{r['workload']}: {r['funclora']:.1f} µs per adapted layer (PEFT {r['peft']:.1f} µs), "
                      "inference, over the base model")
+    for r in rows:
+        if r["metric"] == "threads" and r["funclora"] is not None:
+            lines.append(f"\n{r['workload']}: 2 threads sharing one model give {r['funclora']:.2f}x one thread's "
+                         f"throughput (PEFT {r['peft']:.2f}x); {r.get('note', '').split('; ')[-1]}")
     return "\n".join(lines)
 
 

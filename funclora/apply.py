@@ -3,25 +3,24 @@
 The forward is::
 
     overlay = {path.weight: W (+) s·B@A for each target} ∪ {saved-module params} ∪ {trained biases}
-    out     = functional_call(model, overlay, args, kwargs)
+    out     = view(*args, **kwargs)     # view: a shallow shadow of the module tree holding the overlay
 
-The model is never changed: ``functional_call`` swaps the overlay in for the duration of the
-call and restores the originals afterwards (also on exceptions). In training mode the model's
-buffers are passed as copies, so e.g. BatchNorm running statistics of the user's model stay as
-they were.
-
-In eager mode the swap is done here, with the same effect and less Python per call: each
-overlay tensor is set in its owner's ``_parameters`` / ``_buffers`` dict, and targeted
-``nn.Linear`` modules get ``lazy.linear_forward`` as an instance ``forward`` for the call (it
-computes the same factored linear without ``F.linear``'s ``__torch_function__`` round trip).
-While ``torch.compile`` traces, ``torch.func.functional_call`` does the swap.
+The model is never changed, not even during a call: each call builds its own view of the
+module tree (:mod:`funclora.shadow`), which shares the model's tensors and holds the overlay, so
+other threads, a plain ``model(x)``, and other calls never see it, while a checkpoint's
+recompute or a ``generate`` loop that belongs to the call does. In training mode the view holds
+copies of the model's buffers, so e.g. BatchNorm running statistics of the user's model stay as
+they were. Targeted ``nn.Linear`` modules get a view class (``lazy.linear_view``) that computes
+the factored linear directly. While ``torch.compile`` traces, ``torch.func.functional_call``
+stands in for the view (the traced swap is not run by the compiled graph).
 
 Tied weights (a language model's input embedding and ``lm_head`` sharing one Parameter) are
 treated as PEFT treats them: the base weight is shared, the adapter is not.
 
-- The forward runs ``functional_call(..., tie_weights=False)``: a LoRA (or a modules_to_save
-  copy) on ``embed_tokens`` / ``wte`` changes only the embedding lookup, never the tied head,
-  and a LoRA on ``lm_head`` never reaches the embedding.
+- The view sets each overlay tensor on its own module only (``functional_call(...,
+  tie_weights=False)`` while compiling): a LoRA (or a modules_to_save copy) on ``embed_tokens``
+  / ``wte`` changes only the embedding lookup, never the tied head, and a LoRA on ``lm_head``
+  never reaches the embedding.
 - An explicit params dict (``lora.apply(params, ...)``) may name a tied weight once, as
   ``named_parameters()`` does; every twin then reads that value.
 - ``merge`` spells out every name of a tied group the adapter touches: the adapted name gets
@@ -134,7 +133,7 @@ class LoRA:
         # every parameter name (tied twins included) -> (module that owns it, attribute name)
         self._owners = {name: _owner(model, name) for name in self._alias}
         # every parameter and buffer name -> (the owner's _parameters / _buffers dict, attribute):
-        # where the eager forward swaps the overlay in (see _swapped_call)
+        # where the forward reads base weights and buffers from
         self._slots = {name: (owner._parameters, leaf) for name, (owner, leaf) in self._owners.items()
                        if owner is not None}
         for name, _ in model.named_buffers(remove_duplicate=False):

@@ -174,3 +174,20 @@ def test_a_model_compiled_in_place_still_gets_the_adapter():
     merged = lora.merge(adapter)
     with torch.no_grad():
         torch.testing.assert_close(lora(adapter, x), nn.functional.linear(x, merged["0.weight"], merged["0.bias"]))
+
+
+@pytest.mark.slow
+def test_a_compiled_call_leaves_the_model_alone_while_it_runs(mlp):
+    """Under torch.compile the forward traces functional_call; the compiled graph takes the weights
+    as inputs and never swaps them into the model, so a plain model(x) beside it stays the base."""
+    mlp.eval()
+    lora = fl.LoRA(mlp, fl.LoraConfig(target_modules=["seq.0", "seq.2"], r=4))
+    adapter, x = random_adapter(lora, 0.3), torch.randn(8, 20)
+    torch._dynamo.reset()
+    step = torch.compile(lambda a: lora(a, x), fullgraph=True)
+    with torch.no_grad():
+        want, base = step(adapter), mlp(x)
+        assert not _same(want, base)
+        wrong = _run_threads({"compiled": lambda: torch.equal(step(adapter), want),
+                              "plain model": lambda: torch.equal(mlp(x), base)}, rounds=300)
+    assert wrong == {"compiled": 0, "plain model": 0}
