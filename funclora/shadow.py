@@ -256,21 +256,23 @@ def _refers(value, chosen: set[int]) -> bool:
     return False
 
 
-def _hides(value, chosen: set[int]) -> bool:
+def _hides(value, chosen: set[int], seen: frozenset = frozenset()) -> bool:
     """Whether ``value`` is a partial or closure holding a module in ``chosen`` (cannot be redirected)."""
+    if id(value) in seen:  # closures that refer to each other
+        return False
+    seen = seen | {id(value)}
     if isinstance(value, functools.partial):
         inner = (value.func, *value.args, *value.keywords.values())
-        return any(_refers(v, chosen) or _hides(v, chosen) for v in inner)
-    if isinstance(value, types.FunctionType) and value.__closure__:
+    elif isinstance(value, types.FunctionType) and value.__closure__:
+        inner = []
         for cell in value.__closure__:
             try:
-                content = cell.cell_contents
+                inner.append(cell.cell_contents)
             except ValueError:  # an empty cell
                 continue
-            if _refers(content, chosen) or (content is not value and isinstance(content, types.FunctionType)
-                                            and _hides(content, chosen)):
-                return True
-    return False
+    else:
+        return False
+    return any(_refers(v, chosen) or _hides(v, chosen, seen) for v in inner)
 
 
 def _redirect(value, by_id: dict[int, nn.Module]):
