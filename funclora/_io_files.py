@@ -41,6 +41,9 @@ class AtomicWrites:
     def makedirs(self, folder: str) -> None:
         missing = []
         while folder and not os.path.isdir(folder):
+            if os.path.lexists(folder):
+                raise NotADirectoryError(f"save_adapter: {folder!r} exists and is not a folder, so the adapter "
+                                         "cannot be written under it; choose another destination.")
             missing.append(folder)
             folder = os.path.dirname(folder)
         for d in reversed(missing):
@@ -83,7 +86,10 @@ class AtomicWrites:
                     os.replace(backup, dest)  # a no-op if dest is still the backup's hard link
                 elif os.path.lexists(dest):
                     os.remove(dest)
-            except OSError:  # keep the backup file: it is the only copy of the old file
+            except OSError:
+                if backup is not None and _same_file(dest, backup):
+                    continue  # dest still is the backup's hard link (same bytes): cleanup removes the backup
+                # keep the backup file: it is the only copy of the old file
                 warnings.warn(f"save_adapter: could not restore {dest!r}; its previous content is in {backup!r}.",
                               RuntimeWarning, stacklevel=4)
                 self.backups[i] = (dest, "keep")
@@ -105,6 +111,13 @@ class AtomicWrites:
 def _temp_name(dest: str) -> str:
     folder, base = os.path.split(dest)
     return os.path.join(folder, f".{base}.{secrets.token_hex(6)}.tmp")
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _remove(path: str) -> None:
@@ -156,9 +169,13 @@ def named_adapters(folder: str) -> list[str]:
 
 
 def subfolder(path, name: str, fn: str) -> str:
-    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name:
-        raise ValueError(f"{fn}: adapter name {name!r} must be a plain folder name (no '/', not '.' or '..').")
+    if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name
+            or "\0" in name):
+        raise ValueError(f"{fn}: adapter name {name!r} must be a plain folder name (no '/', no NUL byte, "
+                         "not '.' or '..').")
     path = os.fspath(path)
+    if "\0" in path:
+        raise ValueError(f"{fn}: the path {path!r} contains a NUL byte; no file system accepts it.")
     return path if name == DEFAULT else os.path.join(path, name)
 
 

@@ -102,7 +102,10 @@ class LoRA:
         if not isinstance(model, nn.Module):
             raise TypeError(f"LoRA: `model` must be a torch.nn.Module, got {type(model).__name__}.")
         if not isinstance(config, LoraConfig):
-            raise TypeError(f"LoRA: `config` must be a funclora.LoraConfig, got {type(config).__name__}.")
+            hint = (" Convert a PEFT config with fl.LoraConfig.from_dict(peft_config.to_dict())."
+                    if type(config).__module__.startswith("peft") else "")
+            raise TypeError(f"LoRA: `config` must be a funclora.LoraConfig, got "
+                            f"{type(config).__module__}.{type(config).__name__}.{hint}")
         self.model = model
         self.config = config
         self.plan: Plan = make_plan(model, config)
@@ -122,8 +125,8 @@ class LoRA:
         # hot-path caches (the plan is fixed): each target's base-parameter names, the expected leaf shapes
         self._base_names = {path: tuple((n, f"{t.module_path}.{n}") for n in self._updated[path])
                             for path, t in self.plan.targets.items()}
-        self._want = tuple((path, leaves.keys(), tuple((leaf, tuple(s.shape) if isinstance(s, Factor) else s)
-                                                       for leaf, s in leaves.items()))
+        self._want = tuple((path, leaves.keys(), tuple((leaf, tuple(s.shape) if isinstance(s, Factor) else s,
+                                                       isinstance(s, Factor)) for leaf, s in leaves.items()))
                            for path, leaves in self._specs.items())
         # parameter name -> the name ``named_parameters()`` lists it under (tied weights)
         first: dict[int, str] = {}
@@ -228,6 +231,29 @@ class LoRA:
             adapter.setdefault(path, {})["bias"] = self.model.get_submodule(path).bias.detach().clone()
         return {p: adapter[p] for p in self._specs}
 
+    def leaf_dtypes(self, *, factors: bool = True) -> dict[str, dict[str, torch.dtype]]:
+        """``{path: {leaf: dtype}}`` that :meth:`init` gives (without allocating an adapter).
+
+        ``factors=False`` leaves out the LoRA factors (which may have any float dtype): what is
+        left are the saved modules' parameters and trained biases, which must have the model's.
+
+        Example:
+        >>> import torch, funclora as fl
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8).bfloat16(), torch.nn.Linear(8, 2).bfloat16())
+        >>> fl.LoRA(model, fl.LoraConfig(target_modules=["0"], modules_to_save=["1"], r=2)).leaf_dtypes()
+        {'0': {'lora_A': torch.float32, 'lora_B': torch.float32}, '1': {'weight': torch.bfloat16, 'bias': torch.bfloat16}}
+        """
+        out: dict = {}
+        for path, t in self.plan.targets.items() if factors else ():
+            dtype = _factor_dtype(t.module.get_parameter(self._updated[path][0]).dtype, None)
+            out[path] = {leaf: dtype for leaf, spec in self._specs[path].items() if isinstance(spec, Factor)}
+        for path, names in self.plan.saved.items():
+            module = self.model.get_submodule(path)
+            out.setdefault(path, {}).update({n: module.get_parameter(n).dtype for n in names})
+        for path in self.plan.biases:
+            out.setdefault(path, {})["bias"] = self.model.get_submodule(path).bias.dtype
+        return {p: out[p] for p in self._specs if p in out}
+
     def check(self, adapter: Adapter, *, batched: int = 0) -> None:
         """Raise :class:`AdapterMismatchError` unless ``adapter`` has exactly the expected leaves.
 
@@ -257,9 +283,32 @@ class LoRA:
                 found = sorted(given) if isinstance(given, dict) else type(given).__name__
                 raise AdapterMismatchError(
                     f"LoRA: adapter[{path!r}] has leaves {found}, expected {sorted(leaves)}.")
+            factor_dtype = None
             for leaf, spec in leaves.items():
+                value = given[leaf]
+                if not isinstance(value, torch.Tensor):
+                    raise AdapterMismatchError(
+                        f"LoRA: adapter[{path!r}][{leaf!r}] is a {type(value).__name__}, expected a torch.Tensor. "
+                        "Build adapters with lora.init() (or fl.load_adapter) and keep every leaf a tensor.")
+                if not _FLOATS.get(value.dtype, False):
+                    raise AdapterMismatchError(
+                        f"LoRA: adapter[{path!r}][{leaf!r}] has dtype {value.dtype}, expected a real floating-point "
+                        "dtype (float32, bfloat16, float16, float64): cast it, e.g. value.float().")
+                if value.is_meta and not self._on_meta(path):  # (a model on meta takes a meta adapter)
+                    raise AdapterMismatchError(
+                        f"LoRA: adapter[{path!r}][{leaf!r}] is on the meta device: it has a shape but no values, "
+                        "so the layer's update would be lost. Load or create the adapter on a real device "
+                        "(fl.load_adapter(folder, device='cpu'), or lora.init()).")
+                if isinstance(spec, Factor):
+                    if factor_dtype is None:
+                        factor_dtype = (leaf, value.dtype)
+                    elif value.dtype != factor_dtype[1]:
+                        raise AdapterMismatchError(
+                            f"LoRA: adapter[{path!r}][{leaf!r}] has dtype {value.dtype} but "
+                            f"adapter[{path!r}][{factor_dtype[0]!r}] has {factor_dtype[1]}: a layer's LoRA factors "
+                            f"must share one dtype. Cast both, e.g. to {factor_dtype[1]}.")
                 want = tuple(spec.shape) if isinstance(spec, Factor) else spec
-                got = tuple(given[leaf].shape)
+                got = tuple(value.shape)
                 if got[batched:] != want:
                     hint = (" It has extra leading axes: vmap over a stacked adapter "
                             "(torch.func.vmap(lora, in_dims=(0, None)))." if got[-len(want):] == want
@@ -269,18 +318,34 @@ class LoRA:
                         f"LoRA: adapter[{path!r}][{leaf!r}] has shape {got} but the model's {path} "
                         f"needs {want}.{hint}")
 
+    def _on_meta(self, path: str) -> bool:
+        """Whether the model's module under ``path`` has its parameters on the meta device."""
+        target = self.plan.targets.get(path)
+        module = target.module if target is not None else self.model.get_submodule(path)
+        return any(p.is_meta for p in module.parameters())
+
     def _fits(self, adapter) -> bool:
-        """True when ``adapter`` has exactly the expected paths, leaves and (unbatched) shapes."""
+        """True when ``adapter`` has exactly the expected paths, leaves and (unbatched) shapes, every
+        leaf a real floating-point tensor with values (not on ``meta``), each layer's factors of one
+        dtype. The per-call check: :meth:`check` explains what does not fit."""
         if not isinstance(adapter, dict) or adapter.keys() != self._specs.keys():
             return False
+        floats = _FLOATS
         try:
             for path, leaves, want in self._want:
                 given = adapter[path]
                 if given.keys() != leaves:
                     return False
-                for leaf, shape in want:
-                    if given[leaf].shape != shape:
+                factor_dtype = None
+                for leaf, shape, factor in want:
+                    t = given[leaf]
+                    if t.shape != shape or t.is_meta or not floats.get(t.dtype, False):
                         return False
+                    if factor:
+                        if factor_dtype is None:
+                            factor_dtype = t.dtype
+                        elif t.dtype is not factor_dtype:
+                            return False
         except AttributeError:  # not a dict, or a leaf that is not a tensor
             return False
         return True
@@ -546,7 +611,12 @@ class LoRA:
         """New params ``{name: W + s·ΔW}`` with saved modules and trained biases replaced.
 
         Running the model with these params (``functional_call(model, merged, x)``) equals
-        ``lora(adapter, x)``. ``params`` defaults to the model's ``named_parameters()``.
+        ``lora(adapter, x)``. ``params`` defaults to the model's ``named_parameters()``. In
+        training mode pass copies of the buffers too (``{**merged, **{n: b.clone() for n, b in
+        model.named_buffers()}}``), or BatchNorm updates the model's own running statistics, as
+        any forward of the model in training mode does; ``functional_call`` also swaps the
+        tensors into the model for the duration of the call, so do not share the model with
+        other threads meanwhile (``lora(adapter, x)`` never touches it).
 
         Example:
         >>> import torch, funclora as fl
@@ -656,6 +726,9 @@ class LoRA:
         return f"LoRA({type(self.model).__name__}, r={self.config.r})\n{self.plan}"
 
 
+#: dtype -> whether adapter leaves may have it (a dict lookup is the cheapest per-leaf test)
+_FLOATS = {d: True for d in (torch.float32, torch.float64, torch.float16, torch.bfloat16)}
+
 _NO_RNN_BATCHING = re.compile(r"Batching rule not implemented for (aten::\w*(?:lstm|gru|rnn)\w*)")
 
 
@@ -704,9 +777,14 @@ def _owner(model: nn.Module, name: str) -> tuple[nn.Module | None, str]:
 
 def _factor_dtype(base_dtype: torch.dtype, dtype) -> torch.dtype:
     if dtype is None:
-        return torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
-    if dtype == "base":
-        return base_dtype
-    if not isinstance(dtype, torch.dtype):
+        out = torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
+    elif dtype == "base":
+        out = base_dtype
+    elif not isinstance(dtype, torch.dtype):
         raise TypeError(f"LoRA.init: `dtype` must be None, 'base' or a torch.dtype, got {dtype!r}.")
-    return dtype
+    else:
+        out = dtype
+    if not out.is_floating_point:  # integer / bool / complex factors cannot train or match PEFT
+        raise TypeError(f"LoRA.init: LoRA factors must have a real floating-point dtype, got {out} "
+                        f"(the base weight's dtype is {base_dtype}); pass dtype=torch.float32 or another float dtype.")
+    return out

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +42,9 @@ _UNSUPPORTED_DEFAULTS: dict[str, Any] = {
     "kasa_config": None,
     "ensure_weight_tying": False,
 }
+
+# PEFT's TaskType values (peft.utils.peft_types.TaskType).
+TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 
 # Fields that describe the file or the training run and change no numerics here.
 _INERT = ("task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path",
@@ -128,6 +133,8 @@ class LoraConfig:
         self._custom_modules: dict = {}
         self.target_modules = _names_or_regex("target_modules", self.target_modules)
         self.exclude_modules = _names_or_regex("exclude_modules", self.exclude_modules)
+        if isinstance(self.modules_to_save, str):  # one module name, as PEFT reads it (not its letters)
+            self.modules_to_save = [self.modules_to_save]
         if self.modules_to_save is not None:
             self.modules_to_save = _name_list("modules_to_save", self.modules_to_save)
         if self.target_parameters is not None:
@@ -146,21 +153,49 @@ class LoraConfig:
                 )
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             raise ValueError(f"LoraConfig: `r` must be a positive int, got {self.r!r}.")
-        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)):
-            raise ValueError(f"LoraConfig: `lora_alpha` must be a number, got {self.lora_alpha!r}.")
+        if not _is_number(self.lora_alpha) or not math.isfinite(self.lora_alpha):
+            raise ValueError(f"LoraConfig: `lora_alpha` must be a finite number, got {self.lora_alpha!r}.")
+        for name in ("use_rslora", "fan_in_fan_out", "inference_mode"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"LoraConfig: `{name}` must be True or False, got {getattr(self, name)!r} "
+                                 f"(a {type(getattr(self, name)).__name__}; a string such as 'false' would read as true).")
+        if self.task_type is not None and self.task_type not in TASK_TYPES:
+            raise ValueError(f"LoraConfig: Invalid task type: {self.task_type!r}. Must be one of the following "
+                             f"task types: {', '.join(TASK_TYPES)} (or None).")
         for name in ("rank_pattern", "alpha_pattern"):
             if not isinstance(getattr(self, name), dict):
                 raise ValueError(f"LoraConfig: `{name}` must be a dict {{regex: value}}, got {getattr(self, name)!r}.")
         for key, value in self.rank_pattern.items():
-            if not isinstance(value, int) or value <= 0:
+            _check_regex("rank_pattern", key, rf"(.*\.)?({key})$")
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"LoraConfig: rank_pattern[{key!r}] must be a positive int, got {value!r}.")
         for key, value in self.alpha_pattern.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"LoraConfig: alpha_pattern[{key!r}] must be a number, got {value!r}.")
-        if not 0.0 <= float(self.lora_dropout) < 1.0:
-            raise ValueError(f"LoraConfig: `lora_dropout` must be in [0, 1), got {self.lora_dropout!r}.")
+            _check_regex("alpha_pattern", key, rf"(.*\.)?({key})$")
+            if not _is_number(value) or not math.isfinite(value):
+                raise ValueError(f"LoraConfig: alpha_pattern[{key!r}] must be a finite number, got {value!r}.")
+        if not _is_number(self.lora_dropout) or not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"LoraConfig: `lora_dropout` must be a number in [0, 1), got {self.lora_dropout!r}.")
         if self.bias not in ("none", "all", "lora_only"):
             raise ValueError(f"LoraConfig: `bias` must be 'none', 'all' or 'lora_only', got {self.bias!r}.")
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if isinstance(value, str) and value != "all-linear":
+                _check_regex(name, value, value)
+        for name in self.modules_to_save or []:
+            _check_regex("modules_to_save", name, rf"(^|.*\.){name}($|\..*)")
+        layers = self.layers_to_transform
+        if layers is not None and not (_is_index(layers) or (isinstance(layers, list) and all(map(_is_index, layers)))):
+            raise ValueError(f"LoraConfig: `layers_to_transform` must be a layer index (int ≥ 0), a list of them or "
+                             f"None, got {layers!r}.")
+        patterns = self.layers_pattern
+        if patterns not in (None, []):
+            if isinstance(patterns, str):
+                patterns = [patterns]
+            if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
+                raise ValueError(f"LoraConfig: `layers_pattern` must be a str, a list of str or None, got "
+                                 f"{self.layers_pattern!r}.")
+            for pattern in patterns:
+                _check_regex("layers_pattern", pattern, rf"(?:.*?\.)?(?:{pattern})\.(\d+)\.")
         init = self.init_lora_weights
         if init not in (True, False, "gaussian"):
             if isinstance(init, str) and (init in _KNOWN_INITS or init.startswith("pissa_niter_")):
@@ -168,7 +203,8 @@ class LoraConfig:
                     f"LoraConfig: `init_lora_weights={init!r}` is a PEFT initialisation funclora does "
                     "not implement; use True, 'gaussian' or False."
                 )
-            raise ValueError(f"Unknown initialization init_lora_weights={init!r}")
+            raise ValueError(f"Unknown initialization init_lora_weights={init!r}: funclora takes True "
+                             "(kaiming-uniform A, zero B), 'gaussian' or False.")
         if isinstance(self.target_modules, str):
             if self.layers_to_transform is not None:
                 raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str.")
@@ -274,7 +310,12 @@ class LoraConfig:
                 stacklevel=2,
             )
         kwargs = {k: v for k, v in data.items() if k in names and k != "runtime_config"}
-        return cls(**kwargs)
+        try:
+            return cls(**kwargs)
+        except (ValueError, TypeError) as e:
+            if source == "config":
+                raise
+            raise type(e)(f"{e} (in {source})") from None
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, subfolder: str | None = None) -> "LoraConfig":
@@ -302,6 +343,23 @@ def _jsonable(value):
     if dataclasses.is_dataclass(value):
         return dataclasses.asdict(value)
     return value
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_index(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_regex(field_name: str, what: str, pattern: str) -> None:
+    """Raise a ValueError naming ``field_name`` if ``pattern`` (built from ``what``) is no regex."""
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"LoraConfig: `{field_name}` entry {what!r} is not a valid regular expression "
+                         f"({e}); escape special characters with re.escape.") from None
 
 
 def _name_list(field_name: str, value) -> list[str]:

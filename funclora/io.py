@@ -64,7 +64,7 @@ from .apply import LoRA
 from .config import LoraConfig
 from .errors import AdapterFileError, AdapterMismatchError, UnsupportedModuleError
 from .rules import _BUILTIN, _USER, ParameterRule, Rule
-from .targeting import _list_match
+from .targeting import _list_match, _pattern_value
 
 __all__ = ["save_adapter", "load_adapter", "load_adapters", "read_config"]
 
@@ -102,6 +102,10 @@ def save_adapter(path: str | os.PathLike, adapter: Adapter, config: LoraConfig |
         (True, 2)
     """
     fn = "save_adapter"
+    if isinstance(config, Mapping) and not all(isinstance(c, LoraConfig) for c in config.values()):
+        raise TypeError(f"{fn}: `config` must be a funclora.LoraConfig (or, for several adapters, a dict "
+                        f"{{name: LoraConfig}}), got a {type(config).__name__} of other values (a config's "
+                        "to_dict()?): pass the LoraConfig itself, or LoraConfig.from_dict(d).")
     if isinstance(config, Mapping):
         if lora is not None:
             raise TypeError(f"{fn}: with several adapters pass model=, not lora= (one LoRA has one config).")
@@ -148,6 +152,7 @@ def _prepare(folder, adapter, config, model, lora, fn):
         targets = layout.targets_from_lora(lora)
     else:
         targets = layout.targets_from_names(adapter, config, fn)
+        _check_ranks(adapter, targets, config, fn)
     keys = layout.key_map(adapter, targets)
     tensors, seen, owner = {}, set(), {}
     for (path, leaf), key in keys.items():
@@ -175,6 +180,33 @@ def _check_pytree(adapter, fn):
         for leaf, value in leaves.items():
             if not isinstance(value, torch.Tensor):
                 raise TypeError(f"{fn}: adapter[{path!r}][{leaf!r}] must be a Tensor, got {type(value).__name__}.")
+            if not value.is_floating_point():  # complex / integer leaves: load_adapter (and PEFT) refuse them
+                raise TypeError(f"{fn}: adapter[{path!r}][{leaf!r}] has dtype {value.dtype}; adapter files hold "
+                                "real floating-point tensors (cast it, e.g. value.float()).")
+            if value.is_meta:
+                raise TypeError(f"{fn}: adapter[{path!r}][{leaf!r}] is on the meta device: it has no values to "
+                                "write. Save an adapter that lives on a real device.")
+
+
+def _check_ranks(adapter, targets, config: LoraConfig, fn: str) -> None:
+    """Without a model, each module target's ``lora_A`` must have the config's ``r`` for its path
+    as its first axis: a stacked adapter, or one made with another config, would be written
+    unchecked and PEFT could not load it. (``target_parameters`` are skipped: a stack of experts
+    has ``r·E`` rows, and only the model knows ``E``.)"""
+    for path, target in targets.items():
+        if target.module_path != path:
+            continue
+        r = _pattern_value(path, config.rank_pattern, config.r, set())
+        for leaf in target.leaves:
+            t = adapter[path][leaf]
+            if leaf.rsplit(".", 1)[-1] not in ("lora_A", "lora_embedding_A") or (t.dim() >= 2 and t.shape[0] == r):
+                continue
+            hint = (" It looks stacked (fl.stack): save each adapter, e.g. fl.unstack(stacked)[i]."
+                    if t.dim() >= 3 and t.shape[1] == r else
+                    " Was it made with another config? Pass lora= (or model=) to check it against the model.")
+            raise AdapterMismatchError(
+                f"{fn}: adapter[{path!r}][{leaf!r}] has shape {tuple(t.shape)}, but the config's rank for "
+                f"{path!r} is {r}: a LoRA A factor is (r, ...).{hint}")
 
 
 def _version() -> str:
@@ -337,7 +369,11 @@ def load_adapter(path: str | os.PathLike, *, model: torch.nn.Module | None = Non
             ``target_parameters`` cannot be read (their nesting order needs the model).
         config: use this config instead of the folder's ``adapter_config.json`` (e.g. one with
             custom rules registered).
-        dtype, device: convert floating-point leaves / move every leaf.
+        dtype, device: convert floating-point leaves / move every leaf. With ``model`` and no
+            ``dtype``, every leaf gets the dtype ``fl.LoRA(model, config).init()`` gives it, as
+            PEFT copies a file into its own LoRA parameters (``autocast_adapter_dtype=True``): an
+            fp16 / bf16 / fp64 folder read onto an fp32 model gives fp32 factors and saved modules,
+            and the outputs equal PEFT's. Pass ``dtype=`` to choose the factors' dtype instead.
         strict: missing keys raise (``False``: warn and fill them with a fresh ``init``);
             unexpected keys raise (``False``: ignored).
 
@@ -381,6 +417,10 @@ def load_adapter(path: str | os.PathLike, *, model: torch.nn.Module | None = Non
         except ValueError as e:
             raise type(e)(f"{fn}: the config of {folder!r} does not fit the model: {e}") from None
         adapter = layout.match_keys(stripped, lora, file, strict, fn)
+        if dtype is None:  # as PEFT: the file's values land in leaves of the dtypes init() gives
+            want = lora.leaf_dtypes()
+            adapter = {p: {leaf: t.to(want[p][leaf]) if t.is_floating_point() else t for leaf, t in leaves.items()}
+                       for p, leaves in adapter.items()}
     if dtype is not None or device is not None:
         adapter = {p: {leaf: t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else None)
                        for leaf, t in leaves.items()} for p, leaves in adapter.items()}

@@ -87,7 +87,7 @@ from .errors import UnsupportedModuleError
 from .lazy import LoraParts, dense_delta, lora_weight
 
 __all__ = ["Factor", "Rule", "register_rule", "unregister_rule", "find_rule", "ParameterRule",
-           "init_factor", "supported_types"]
+           "init_factor", "supported_types", "overlay_is_builtin"]
 
 
 @dataclass(frozen=True)
@@ -292,6 +292,18 @@ class MultiheadAttentionRule(Rule):
         if leaf.startswith("out_proj."):
             return "base_layer." + super().file_key(leaf)
         return super().file_key(leaf)
+
+
+def overlay_is_builtin(rule: Rule) -> bool:
+    """Whether ``rule``'s overlay is funclora's own (it reads the module's weights as dense tensors).
+
+    Example:
+        >>> import funclora as fl
+        >>> from funclora.rules import LinearRule
+        >>> overlay_is_builtin(LinearRule()), overlay_is_builtin(fl.ParameterRule("weight"))
+        (True, True)
+    """
+    return getattr(type(rule).overlay, "__module__", None) == __name__
 
 
 class ParameterRule(Rule):

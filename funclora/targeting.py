@@ -19,16 +19,18 @@ from __future__ import annotations
 import difflib
 import math
 import re
+import sys
 import warnings
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
 from .config import LoraConfig
 from .default_targets import default_targets
 from .errors import TargetNotFoundError, UnsupportedModuleError
-from .rules import ParameterRule, Rule, find_rule, supported_types
+from .rules import ParameterRule, Rule, find_rule, overlay_is_builtin, supported_types
 
 __all__ = ["Target", "Plan", "make_plan"]
 
@@ -228,6 +230,38 @@ def _check_not_parametrized(module: nn.Module, rule, path: str) -> None:
         )
 
 
+def _check_dense_weights(module: nn.Module, rule, path: str) -> None:
+    """A built-in rule adapts a dense floating-point weight; a quantized or packed one would be misread.
+
+    bitsandbytes ``Linear4bit`` / ``Linear8bitLt``, torchao-quantized ``nn.Linear``, GPTQ / AWQ /
+    HQQ layers and the like keep ``nn.Linear``'s class or a subclass, but their weight is integer
+    data (``uint8`` / ``int8`` / packed) or a tensor subclass that the layer's own forward decodes.
+    """
+    if not overlay_is_builtin(rule):
+        return  # a user rule reads the weights its own way
+    for name in rule.updated_parameters(module):
+        weight = module.get_parameter(name) if "." in name else getattr(module, name)
+        kind = type(weight)
+        plain = kind.__torch_dispatch__ is torch.Tensor.__torch_dispatch__ or _is_dtensor(weight)
+        if plain and weight.dtype.is_floating_point and weight.layout == torch.strided:
+            continue
+        what = f"a {kind.__module__}.{kind.__qualname__} of dtype {weight.dtype}"
+        raise UnsupportedModuleError(
+            f"LoRA: target {path!r} ({type(module).__module__}.{type(module).__qualname__}) stores its "
+            f"{name!r} as {what}, not as a dense floating-point tensor: it is quantized or packed "
+            "(bitsandbytes, torchao, GPTQ, AWQ, HQQ, ...), and funclora's built-in rules would misread "
+            "it. funclora has no LoRA rule for quantized layers yet: leave the layer out "
+            "(exclude_modules), load the model unquantized, or register a rule for "
+            f"{type(module).__qualname__} (fl.register_rule) whose overlay adds the LoRA branch its own way."
+        )
+
+
+def _is_dtensor(t) -> bool:
+    """A DTensor (an FSDP2 shard of a dense weight), without importing torch.distributed."""
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    return dtensor is not None and isinstance(t, dtensor)
+
+
 def make_plan(model: nn.Module, config: LoraConfig) -> Plan:
     """Resolve ``config`` against ``model`` once: which modules get LoRA, which are saved."""
     custom = config._custom_modules
@@ -245,6 +279,7 @@ def make_plan(model: nn.Module, config: LoraConfig) -> Plan:
         alpha = _pattern_value(path, config.alpha_pattern, config.lora_alpha, used_alpha)
         rule.check(module, r, path)
         _check_not_parametrized(module, rule, path)
+        _check_dense_weights(module, rule, path)
         scaling = alpha / math.sqrt(r) if config.use_rslora else alpha / r
         dropout = float(config.lora_dropout) if rule.supports_dropout else 0.0
         return Target(path, module_path, module, rule, r, alpha, scaling, dropout)

@@ -323,3 +323,53 @@ def test_eager_linear_shortcut_equals_the_lazy_weight_path(training):
         lora(adapter, torch.randn(4, 6))
     assert "forward" not in model.fc.__dict__ and "forward" in model.custom.__dict__
     assert_unchanged(before, model)
+
+
+def _bad_leaves():
+    """(description, function of a good adapter -> a bad one, what the message must name)."""
+    def set_leaf(value_of):
+        def make(a):
+            bad = {p: dict(leaves) for p, leaves in a.items()}
+            bad["0"]["lora_A"] = value_of(a["0"]["lora_A"])
+            return bad
+        return make
+
+    return [
+        ("float64 A, float32 B", set_leaf(lambda t: t.double()), r"adapter\['0'\]\['lora_B'\] has dtype torch.float32 "
+                                                                r"but adapter\['0'\]\['lora_A'\] has torch.float64: a "
+                                                                r"layer's LoRA factors must share one dtype"),
+        ("int A", set_leaf(lambda t: t.to(torch.int64)), r"adapter\['0'\]\['lora_A'\] has dtype torch.int64"),
+        ("bool A", set_leaf(lambda t: t > 0), r"has dtype torch.bool"),
+        ("complex A", set_leaf(lambda t: t.to(torch.complex64)), r"has dtype torch.complex64"),
+        ("list leaf", set_leaf(lambda t: t.tolist()), r"adapter\['0'\]\['lora_A'\] is a list, expected a torch.Tensor"),
+        ("None leaf", set_leaf(lambda t: None), r"is a NoneType, expected a torch.Tensor"),
+        ("float leaf", set_leaf(lambda t: 0.5), r"is a float, expected a torch.Tensor"),
+        ("meta leaf", set_leaf(lambda t: t.to("meta")), r"adapter\['0'\]\['lora_A'\] is on the meta device"),
+    ]
+
+
+@pytest.mark.parametrize("case", _bad_leaves(), ids=lambda c: c[0])
+@pytest.mark.parametrize("entry", ["forward", "merge", "delta", "route", "facade", "save"])
+def test_bad_leaves_get_one_clear_error_at_every_entry_point(case, entry, tmp_path):
+    """The forward path shares the adapter check: before, a meta factor silently dropped its
+    layer's update and dtype / type mistakes failed deep inside torch without naming the leaf."""
+    _, make_bad, message = case
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    lora = fl.LoRA(model, fl.LoraConfig(target_modules=["0"], modules_to_save=["2"], r=2))
+    bad, x = make_bad(random_adapter(lora)), torch.randn(3, 4)
+    before = snapshot(model)
+    calls = {
+        "forward": lambda: lora(bad, x),
+        "merge": lambda: lora.merge(bad),
+        "delta": lambda: lora.delta(bad),
+        "route": lambda: lora.route({p: {k: [v, v] if not isinstance(v, torch.Tensor) else torch.stack([v, v])
+                                         for k, v in leaves.items()} for p, leaves in bad.items()}, [0, 1, 0], x),
+        "facade": lambda: fl.PeftModel(model, lora.config, bad),
+        "save": lambda: fl.save_adapter(str(tmp_path / "a"), bad, lora=lora),
+    }
+    if entry in ("save", "route"):   # save names the leaf its own way; route's stack of a non-tensor is a list
+        message = r"adapter\['0'\]\['lora_[AB]'\]"
+    with pytest.raises((fl.AdapterMismatchError, TypeError), match=message):
+        calls[entry]()
+    assert_unchanged(before, model)
+    assert not (tmp_path / "a").exists()

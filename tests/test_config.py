@@ -1,9 +1,11 @@
 """LoraConfig: PEFT's fields and defaults, validation, JSON round trip."""
 
 import dataclasses
+import re
 
 import peft
 import pytest
+import torch
 import torch.nn as nn
 
 import funclora as fl
@@ -52,10 +54,45 @@ def test_unknown_init_has_peft_message():
     ({"lora_dropout": 1.5}, "lora_dropout"),
     ({"target_parameters": ["w"], "lora_dropout": 0.1}, "target_parameters"),
     ({"rank_pattern": {"fc": 0}}, "rank_pattern"),
+    # values that were accepted and then did something silently wrong, or failed deep inside torch
+    ({"lora_alpha": float("nan")}, "`lora_alpha` must be a finite number, got nan"),
+    ({"lora_alpha": float("inf")}, "`lora_alpha` must be a finite number, got inf"),
+    ({"use_rslora": "false"}, "`use_rslora` must be True or False, got 'false'"),
+    ({"fan_in_fan_out": 1}, "`fan_in_fan_out` must be True or False"),
+    ({"task_type": "SEQ_CLASS"}, "Invalid task type: 'SEQ_CLASS'. Must be one of the following task types: SEQ_CLS"),
+    ({"lora_dropout": "0.1"}, "`lora_dropout` must be a number in [0, 1), got '0.1'"),
+    ({"lora_dropout": None}, "`lora_dropout` must be a number"),
+    ({"rank_pattern": {"q_proj": True}}, "rank_pattern['q_proj'] must be a positive int, got True"),
+    ({"alpha_pattern": {"q_proj": float("nan")}}, "alpha_pattern['q_proj'] must be a finite number"),
+    ({"layers_to_transform": "1"}, "`layers_to_transform` must be a layer index"),
+    ({"layers_to_transform": [0, -1]}, "`layers_to_transform` must be a layer index"),
+    ({"target_modules": "["}, "`target_modules` entry '[' is not a valid regular expression"),
+    ({"target_modules": ["q"], "exclude_modules": "("}, "`exclude_modules` entry '(' is not a valid regular"),
+    ({"modules_to_save": ["head["]}, "`modules_to_save` entry 'head[' is not a valid regular expression"),
+    ({"target_modules": ["q"], "layers_to_transform": [0], "layers_pattern": "h("}, "`layers_pattern` entry"),
+    ({"rank_pattern": {"q(": 4}}, "`rank_pattern` entry 'q(' is not a valid regular expression"),
+    ({"alpha_pattern": {"*": 4}}, "`alpha_pattern` entry '*' is not a valid regular expression"),
+    ({"init_lora_weights": "bogus"}, "takes True (kaiming-uniform A, zero B), 'gaussian' or False"),
 ])
 def test_invalid_values(kwargs, message):
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("`", ".")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         fl.LoraConfig(**kwargs)
+
+
+def test_modules_to_save_as_one_string_is_one_module_as_in_peft():
+    """A string was iterated letter by letter: the head was neither trained nor saved."""
+    config = fl.LoraConfig(target_modules=["0"], modules_to_save="head")
+    assert config.modules_to_save == ["head"]
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    model.add_module("head", torch.nn.Linear(4, 2))
+    assert fl.LoRA(model, config).shapes()["head"] == {"weight": (2, 4), "bias": (2,)}
+
+
+def test_a_bad_field_read_from_a_file_names_the_file(tmp_path):
+    path = tmp_path / "adapter_config.json"
+    path.write_text('{"peft_type": "LORA", "r": 4, "target_modules": "[", "lora_alpha": 8}')
+    with pytest.raises(ValueError, match=r"`target_modules` entry '\[' is not a valid regular.*adapter_config\.json"):
+        fl.LoraConfig.from_pretrained(str(tmp_path))
 
 
 def test_target_parameters_must_be_a_list():

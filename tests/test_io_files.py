@@ -241,3 +241,45 @@ def _umask():
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_a_failed_restore_does_not_leave_a_backup_of_identical_bytes(tmp_path, monkeypatch):
+    """The first swap fails and so does restoring its backup, but the destination still is the
+    backup's hard link (the same bytes): the backup is removed, not left behind as a hidden .tmp."""
+    model, lora = _model_and_lora()
+    fl.save_adapter(tmp_path, random_adapter(lora, 1), lora=lora)
+    before = _snapshot(tmp_path)
+    real, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append(src)
+        if len(calls) <= 2:
+            raise OSError("simulated failure")   # the first swap, then restoring its backup
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="simulated failure"):
+        fl.save_adapter(tmp_path, random_adapter(lora, 2), lora=lora)
+    monkeypatch.undo()
+    assert len(calls) == 2
+    assert sorted(os.listdir(tmp_path)) == [CONFIG, WEIGHTS] and _snapshot(tmp_path) == before
+
+
+def test_save_destination_errors_say_what_is_wrong(tmp_path):
+    model, lora = _model_and_lora()
+    adapter = random_adapter(lora)
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(NotADirectoryError, match=r"save_adapter: '.*file' exists and is not a folder"):
+        fl.save_adapter(tmp_path / "file" / "sub", adapter, lora=lora)
+    with pytest.raises(ValueError, match=r"adapter name 'a\\x00b' must be a plain folder name \(no '/', no NUL byte"):
+        fl.save_adapter(tmp_path, adapter, lora=lora, adapter_name="a\0b")
+    with pytest.raises(TypeError, match=r"`config` must be a funclora.LoraConfig .*to_dict\(\)\?"):
+        fl.save_adapter(tmp_path, adapter, lora.config.to_dict())
+    with pytest.raises(TypeError, match=r"adapter\['seq.0'\]\['lora_A'\] has dtype torch.complex64"):
+        fl.save_adapter(tmp_path, {**adapter, "seq.0": {**adapter["seq.0"],
+                                                        "lora_A": adapter["seq.0"]["lora_A"].to(torch.complex64)}},
+                        lora.config)
+    with pytest.raises(fl.AdapterMismatchError, match=r"adapter\['seq.0'\]\['lora_A'\] has shape \(3, 2, 20\).*"
+                                                      r"rank for 'seq.0' is 2.*looks stacked"):
+        fl.save_adapter(tmp_path, fl.stack([adapter] * 3), lora.config)
+    assert sorted(os.listdir(tmp_path)) == ["file"]

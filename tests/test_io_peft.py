@@ -88,6 +88,24 @@ def test_peft_file_loads_in_funclora(tmp_path, case):
             assert torch.equal(bare[p][leaf], t), (p, leaf)
 
 
+@pytest.mark.parametrize("file_dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_a_folder_in_another_dtype_loads_as_peft_loads_it(tmp_path, file_dtype):
+    """fp16 / bf16 / fp64 files (factors and a saved head) onto an fp32 model: PEFT copies them into
+    its fp32 parameters; funclora's leaves get init()'s dtypes, so the forward runs and equals PEFT's."""
+    cls, kw = CASES["mlp_modules_to_save"]
+    model = build(cls)
+    lora = fl.LoRA(model, fl.LoraConfig(**kw))
+    adapter = {p: {k: t.to(file_dtype) for k, t in leaves.items()} for p, leaves in random_adapter(lora).items()}
+    fl.save_adapter(tmp_path, adapter, lora.config)
+    loaded, _ = fl.load_adapter(tmp_path, model=model)
+    assert {t.dtype for leaves in loaded.values() for t in leaves.values()} == {torch.float32}
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(tmp_path)).eval()
+    with torch.no_grad():
+        diff = (pm(*cls.inputs()) - lora(loaded, *cls.inputs())).abs().max().item()
+    assert diff <= 1e-5
+    assert fl.load_adapter(tmp_path, model=model, dtype=file_dtype)[0]["seq.0"]["lora_A"].dtype == file_dtype
+
+
 def test_condensed_target_list_is_read(tmp_path):
     cls, kw = CASES["condensed_24_targets"]
     peft_model(build(cls), kw).save_pretrained(str(tmp_path))

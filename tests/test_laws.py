@@ -113,7 +113,30 @@ def test_stack_rejects_adapters_of_different_configs():
     model = nn.Sequential(nn.Linear(3, 3))
     a = fl.LoRA(model, fl.LoraConfig(target_modules=["0"], r=2)).init()
     b = fl.LoRA(model, fl.LoraConfig(target_modules=["0"], r=3)).init()
-    with pytest.raises(ValueError, match=r"0.lora_A has shape \(3, 3\), adapter 0 has \(2, 3\)"):
+    with pytest.raises(ValueError, match=r"adapter 1\['0'\]\['lora_A'\] has shape \(3, 3\), adapter 0 has \(2, 3\)"):
         fl.stack([a, b])
     with pytest.raises(ValueError, match="no adapters"):
         fl.stack([])
+
+
+def test_stack_and_select_say_what_is_wrong():
+    """A dict instead of a list, a structure mismatch (named, not a 2,000-character dump), mixed
+    mapping types (accepted), and select on an unstacked adapter (it sliced every leaf)."""
+    from collections import OrderedDict
+
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2))
+    a = fl.LoRA(model, fl.LoraConfig(target_modules=["0", "1"], r=2)).init()
+    with pytest.raises(TypeError, match=r"stack: pass a list of adapters .*got a dict \(one adapter\? wrap it"):
+        fl.stack(a)
+    with pytest.raises(ValueError, match=r"adapter 1 has other module paths than adapter 0: missing \['1'\], unexpected \[\]"):
+        fl.stack([a, {"0": a["0"]}])
+    with pytest.raises(ValueError, match=r"adapter 1\['0'\] has leaves \['lora_A'\], adapter 0 has \['lora_A', 'lora_B'\]"):
+        fl.stack([a, {"0": {"lora_A": a["0"]["lora_A"]}, "1": a["1"]}])
+    with pytest.raises(TypeError, match=r"stack: adapter 1\['1'\]\['lora_B'\] is a list, expected a torch.Tensor"):
+        fl.stack([a, {"0": a["0"], "1": {"lora_A": a["1"]["lora_A"], "lora_B": [1.0]}}])
+    mixed = fl.stack([OrderedDict(a), a])
+    assert type(mixed) is dict and mixed["1"]["lora_B"].shape == (2, 2, 2)
+    with pytest.raises(ValueError, match=r"select: the leaves have leading sizes \[2, 3\].*not stacked"):
+        fl.select(a, 0)
+    with pytest.raises(IndexError, match="select: index 2 is out of range for a stack of 2 adapters"):
+        fl.select(mixed, 2)
