@@ -159,6 +159,9 @@ class LoraConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"LoraConfig: `{name}` must be True or False, got {getattr(self, name)!r} "
                                  f"(a {type(getattr(self, name)).__name__}; a string such as 'false' would read as true).")
+        for name in ("base_model_name_or_path", "revision", "peft_version"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ValueError(f"LoraConfig: `{name}` must be a str or None, got {getattr(self, name)!r}.")
         if self.task_type is not None and self.task_type not in TASK_TYPES:
             raise ValueError(f"LoraConfig: Invalid task type: {self.task_type!r}. Must be one of the following "
                              f"task types: {', '.join(TASK_TYPES)} (or None).")

@@ -186,6 +186,10 @@ def _check_pytree(adapter, fn):
             if value.is_meta:
                 raise TypeError(f"{fn}: adapter[{path!r}][{leaf!r}] is on the meta device: it has no values to "
                                 "write. Save an adapter that lives on a real device.")
+            if not bool(torch.isfinite(value).all()):  # a diverged run: every output of the file would be NaN
+                raise ValueError(f"{fn}: adapter[{path!r}][{leaf!r}] holds NaN or infinite values; an adapter "
+                                 "file with them makes every output NaN in funclora and PEFT. Save a checkpoint "
+                                 "from before training diverged (or lower the learning rate).")
 
 
 def _check_ranks(adapter, targets, config: LoraConfig, fn: str) -> None:

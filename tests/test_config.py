@@ -73,6 +73,7 @@ def test_unknown_init_has_peft_message():
     ({"rank_pattern": {"q(": 4}}, "`rank_pattern` entry 'q(' is not a valid regular expression"),
     ({"alpha_pattern": {"*": 4}}, "`alpha_pattern` entry '*' is not a valid regular expression"),
     ({"init_lora_weights": "bogus"}, "takes True (kaiming-uniform A, zero B), 'gaussian' or False"),
+    ({"revision": 3}, "`revision` must be a str or None, got 3"),
 ])
 def test_invalid_values(kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)):

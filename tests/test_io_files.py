@@ -279,6 +279,9 @@ def test_save_destination_errors_say_what_is_wrong(tmp_path):
         fl.save_adapter(tmp_path, {**adapter, "seq.0": {**adapter["seq.0"],
                                                         "lora_A": adapter["seq.0"]["lora_A"].to(torch.complex64)}},
                         lora.config)
+    with pytest.raises(ValueError, match=r"adapter\['seq.2'\]\['lora_B'\] holds NaN or infinite values"):
+        fl.save_adapter(tmp_path, {**adapter, "seq.2": {**adapter["seq.2"],
+                                                        "lora_B": adapter["seq.2"]["lora_B"] / 0}}, lora=lora)
     with pytest.raises(fl.AdapterMismatchError, match=r"adapter\['seq.0'\]\['lora_A'\] has shape \(3, 2, 20\).*"
                                                       r"rank for 'seq.0' is 2.*looks stacked"):
         fl.save_adapter(tmp_path, fl.stack([adapter] * 3), lora.config)
