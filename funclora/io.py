@@ -63,6 +63,7 @@ from . import _io_layout as layout
 from .apply import LoRA
 from .config import LoraConfig
 from .errors import AdapterFileError, AdapterMismatchError, UnsupportedModuleError
+from .ops import checked_leaves
 from .rules import _BUILTIN, _USER, ParameterRule, Rule
 from .targeting import _list_match, _pattern_value
 
@@ -172,14 +173,8 @@ def _prepare(folder, adapter, config, model, lora, fn):
 
 
 def _check_pytree(adapter, fn):
-    if not isinstance(adapter, Mapping):
-        raise TypeError(f"{fn}: `adapter` must be a dict {{path: {{leaf: Tensor}}}}, got {type(adapter).__name__}.")
-    for path, leaves in adapter.items():
-        if not isinstance(leaves, Mapping):
-            raise TypeError(f"{fn}: adapter[{path!r}] must be a dict {{leaf: Tensor}}, got {type(leaves).__name__}.")
+    for path, leaves in checked_leaves(adapter, fn, "adapter").items():
         for leaf, value in leaves.items():
-            if not isinstance(value, torch.Tensor):
-                raise TypeError(f"{fn}: adapter[{path!r}][{leaf!r}] must be a Tensor, got {type(value).__name__}.")
             if not value.is_floating_point():  # complex / integer leaves: load_adapter (and PEFT) refuse them
                 raise TypeError(f"{fn}: adapter[{path!r}][{leaf!r}] has dtype {value.dtype}; adapter files hold "
                                 "real floating-point tensors (cast it, e.g. value.float()).")

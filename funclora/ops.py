@@ -27,9 +27,9 @@ def stack(adapters: Sequence[dict]) -> dict:
                         + (" (one adapter? wrap it: fl.stack([adapter]))." if isinstance(adapters, Mapping) else "."))
     if not adapters:
         raise ValueError("stack: got no adapters; pass a non-empty list.")
-    first = _leaves(adapters[0], "stack", "adapter 0")
+    first = checked_leaves(adapters[0], "stack", "adapter 0")
     for i, adapter in enumerate(adapters[1:], 1):
-        leaves = _leaves(adapter, "stack", f"adapter {i}")
+        leaves = checked_leaves(adapter, "stack", f"adapter {i}")
         _same_structure(first, leaves, i)
         for path, names in first.items():
             for leaf, t0 in names.items():
@@ -70,7 +70,7 @@ def unstack(stacked: dict) -> list[dict]:
     return [select(stacked, i) for i in range(_stack_size(stacked, "unstack"))]
 
 
-def _leaves(adapter, fn: str, what: str) -> dict[str, dict[str, torch.Tensor]]:
+def checked_leaves(adapter, fn: str, what: str) -> dict[str, dict[str, torch.Tensor]]:
     """``adapter`` checked to be ``{path: {leaf: Tensor}}`` (any mappings), as plain dicts."""
     if not isinstance(adapter, Mapping):
         raise TypeError(f"{fn}: {what} must be a dict {{path: {{leaf: Tensor}}}}, got {type(adapter).__name__}.")
@@ -99,7 +99,7 @@ def _same_structure(first: dict, other: dict, i: int) -> None:
 
 def _stack_size(stacked, fn: str) -> int:
     """``N``, the leading size every leaf of a stacked adapter shares."""
-    leaves = _leaves(stacked, fn, "the stacked adapter")
+    leaves = checked_leaves(stacked, fn, "the stacked adapter")
     sizes = {t.shape[0] if t.dim() else None for names in leaves.values() for t in names.values()}
     if len(sizes) != 1 or None in sizes:
         raise ValueError(f"{fn}: the leaves have leading sizes {sorted(sizes, key=str)}, not one shared stack size "
