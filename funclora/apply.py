@@ -231,11 +231,8 @@ class LoRA:
             adapter.setdefault(path, {})["bias"] = self.model.get_submodule(path).bias.detach().clone()
         return {p: adapter[p] for p in self._specs}
 
-    def leaf_dtypes(self, *, factors: bool = True) -> dict[str, dict[str, torch.dtype]]:
+    def leaf_dtypes(self) -> dict[str, dict[str, torch.dtype]]:
         """``{path: {leaf: dtype}}`` that :meth:`init` gives (without allocating an adapter).
-
-        ``factors=False`` leaves out the LoRA factors (which may have any float dtype): what is
-        left are the saved modules' parameters and trained biases, which must have the model's.
 
         Example:
         >>> import torch, funclora as fl
@@ -244,7 +241,7 @@ class LoRA:
         {'0': {'lora_A': torch.float32, 'lora_B': torch.float32}, '1': {'weight': torch.bfloat16, 'bias': torch.bfloat16}}
         """
         out: dict = {}
-        for path, t in self.plan.targets.items() if factors else ():
+        for path, t in self.plan.targets.items():
             dtype = _factor_dtype(t.module.get_parameter(self._updated[path][0]).dtype, None)
             out[path] = {leaf: dtype for leaf, spec in self._specs[path].items() if isinstance(spec, Factor)}
         for path, names in self.plan.saved.items():
@@ -252,7 +249,7 @@ class LoRA:
             out.setdefault(path, {}).update({n: module.get_parameter(n).dtype for n in names})
         for path in self.plan.biases:
             out.setdefault(path, {})["bias"] = self.model.get_submodule(path).bias.dtype
-        return {p: out[p] for p in self._specs if p in out}
+        return {p: out[p] for p in self._specs}
 
     def check(self, adapter: Adapter, *, batched: int = 0) -> None:
         """Raise :class:`AdapterMismatchError` unless ``adapter`` has exactly the expected leaves.
