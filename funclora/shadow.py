@@ -16,10 +16,11 @@ the call's adapter:
 - another thread, another adapter's call, or a plain ``model(x)`` never sees it.
 
 A module that reaches another module through a plain attribute (``self.head = self.layers[-1]``),
-a list or tuple of modules, or a bound method, gets the shadow's counterpart in its shadow. A
-reference the shadow cannot redirect (a ``functools.partial`` or closure holding a module that
-must be shadowed, e.g. ``torch.compile``'s wrapper) would run the original module with its base
-weights, silently; :class:`Shadower` refuses it when the plan is built instead.
+a list, tuple or dict of modules, or a bound method, gets the shadow's counterpart in its shadow.
+A reference the shadow cannot redirect (a ``functools.partial`` or closure holding a module that
+must be shadowed, e.g. ``torch.compile``'s wrapper, or a module in a container in a container)
+would run the original module with its base weights, silently; :class:`Shadower` refuses it
+when the plan is built instead.
 """
 
 from __future__ import annotations
@@ -246,18 +247,20 @@ _MODULE_INTERNALS = frozenset(nn.Module().__dict__) | {"_compiled_call_impl"}  #
 
 
 def _refers(value, chosen: set[int]) -> bool:
-    """Whether ``value`` is a module in ``chosen`` or a list / tuple / bound method reaching one directly."""
+    """Whether ``value`` is a module in ``chosen``, or a list / tuple / dict or bound method that
+    reaches one directly (what :func:`_redirect` can point at the shadow)."""
     if isinstance(value, nn.Module):
         return id(value) in chosen
-    if type(value) in (list, tuple):
-        return any(isinstance(v, nn.Module) and id(v) in chosen for v in value)
+    if type(value) in (list, tuple, dict):
+        return any(isinstance(v, nn.Module) and id(v) in chosen for v in _items(value))
     if isinstance(value, types.MethodType):
         return isinstance(value.__self__, nn.Module) and id(value.__self__) in chosen
     return False
 
 
 def _hides(value, chosen: set[int], seen: frozenset = frozenset()) -> bool:
-    """Whether ``value`` is a partial or closure holding a module in ``chosen`` (cannot be redirected)."""
+    """Whether ``value`` holds a module in ``chosen`` where no shadow can redirect it: inside a
+    partial or a closure, or in a container inside a container."""
     if id(value) in seen:  # closures that refer to each other
         return False
     seen = seen | {id(value)}
@@ -270,9 +273,16 @@ def _hides(value, chosen: set[int], seen: frozenset = frozenset()) -> bool:
                 inner.append(cell.cell_contents)
             except ValueError:  # an empty cell
                 continue
+    elif isinstance(value, (list, tuple, dict, set)):
+        return any((isinstance(v, (list, tuple, dict, set)) or not isinstance(v, nn.Module))
+                   and (_refers(v, chosen) or _hides(v, chosen, seen)) for v in _items(value))
     else:
         return False
     return any(_refers(v, chosen) or _hides(v, chosen, seen) for v in inner)
+
+
+def _items(container):
+    return container.values() if isinstance(container, dict) else container
 
 
 def _redirect(value, by_id: dict[int, nn.Module]):
@@ -281,6 +291,8 @@ def _redirect(value, by_id: dict[int, nn.Module]):
         return by_id.get(id(value), value)
     if isinstance(value, types.MethodType):
         return types.MethodType(value.__func__, by_id.get(id(value.__self__), value.__self__))
+    if isinstance(value, dict):
+        return {k: by_id.get(id(v), v) if isinstance(v, nn.Module) else v for k, v in value.items()}
     return type(value)(by_id.get(id(v), v) if isinstance(v, nn.Module) else v for v in value)
 
 

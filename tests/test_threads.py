@@ -132,9 +132,10 @@ class _Referrer(nn.Module):
         object.__setattr__(self, "first", self.layers[0])                 # a plain attribute, not registered
         object.__setattr__(self, "pair", (self.layers[0], self.layers[1]))
         object.__setattr__(self, "run_first", self.layers[0].forward)     # a bound method
+        object.__setattr__(self, "by_name", {"second": self.layers[1]})  # a plain dict
 
     def forward(self, x):
-        return self.last(self.first(x)) + self.pair[1](self.run_first(x))
+        return self.last(self.first(x)) + self.pair[1](self.run_first(x)) + self.by_name["second"](x)
 
 
 def test_plain_attribute_references_see_the_adapter():
@@ -161,6 +162,10 @@ def test_a_reference_the_view_cannot_redirect_is_refused_up_front():
     """A closure or partial holding a module would run the base weights: fl.LoRA raises, naming it."""
     with pytest.raises(fl.UnsupportedModuleError, match=r"'<root>' \(_HiddenReference\).*'run'.*closure"):
         fl.LoRA(_HiddenReference(), fl.LoraConfig(target_modules=["fc"]))
+    nested = nn.Sequential(nn.Linear(4, 4))
+    object.__setattr__(nested, "groups", [[nested[0]]])                       # a module in a list in a list
+    with pytest.raises(fl.UnsupportedModuleError, match=r"'<root>' \(Sequential\).*'groups' \(a list\)"):
+        fl.LoRA(nested, fl.LoraConfig(target_modules=["0"]))
     with pytest.raises(fl.UnsupportedModuleError, match=r"OptimizedModule.*torch.compile\(lora\)"):
         fl.LoRA(torch.compile(nn.Sequential(nn.Linear(4, 4))), fl.LoraConfig(target_modules=["_orig_mod.0"]))
 
