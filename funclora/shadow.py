@@ -16,9 +16,10 @@ the call's adapter:
 - another thread, another adapter's call, or a plain ``model(x)`` never sees it.
 
 A module that reaches another module through a plain attribute (``self.head = self.layers[-1]``),
-a list, tuple or dict of modules, or a bound method, gets the shadow's counterpart in its shadow.
-A reference the shadow cannot redirect (a ``functools.partial`` or closure holding a module that
-must be shadowed, e.g. ``torch.compile``'s wrapper, or a module in a container in a container)
+a list, tuple or dict of modules, a bound method, or a ``functools.partial`` with modules among
+its arguments (accelerate's hooked ``forward``), gets the shadow's counterpart in its shadow. A
+reference the shadow cannot redirect (a closure holding a module that must be shadowed, e.g.
+``torch.compile``'s wrapper, or a module in a container in a container)
 would run the original module with its base weights, silently; :class:`Shadower` refuses it
 when the plan is built instead.
 """
@@ -255,6 +256,8 @@ def _refers(value, chosen: set[int]) -> bool:
         return any(isinstance(v, nn.Module) and id(v) in chosen for v in _items(value))
     if isinstance(value, types.MethodType):
         return isinstance(value.__self__, nn.Module) and id(value.__self__) in chosen
+    if isinstance(value, functools.partial):  # e.g. accelerate's hooked forward: partial(new_forward, module)
+        return any(isinstance(v, nn.Module) and id(v) in chosen for v in (*value.args, *value.keywords.values()))
     return False
 
 
@@ -265,7 +268,7 @@ def _hides(value, chosen: set[int], seen: frozenset = frozenset()) -> bool:
         return False
     seen = seen | {id(value)}
     if isinstance(value, functools.partial):
-        inner = (value.func, *value.args, *value.keywords.values())
+        inner = (value.func, *(v for v in (*value.args, *value.keywords.values()) if not isinstance(v, nn.Module)))
     elif isinstance(value, types.FunctionType) and value.__closure__:
         inner = []
         for cell in value.__closure__:
@@ -293,6 +296,12 @@ def _redirect(value, by_id: dict[int, nn.Module]):
         return types.MethodType(value.__func__, by_id.get(id(value.__self__), value.__self__))
     if isinstance(value, dict):
         return {k: by_id.get(id(v), v) if isinstance(v, nn.Module) else v for k, v in value.items()}
+    if isinstance(value, functools.partial):
+        new = functools.partial(value.func, *(_redirect(v, by_id) if isinstance(v, nn.Module) else v for v in value.args),
+                                **{k: _redirect(v, by_id) if isinstance(v, nn.Module) else v
+                                   for k, v in value.keywords.items()})
+        new.__dict__.update(value.__dict__)  # functools.update_wrapper's __wrapped__, __name__, ...
+        return new
     return type(value)(by_id.get(id(v), v) if isinstance(v, nn.Module) else v for v in value)
 
 

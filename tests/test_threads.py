@@ -1,6 +1,7 @@
 """One base model shared by many threads: every call sees exactly its own adapter, the model never
 changes, not even for an instant during a call (DESIGN.md invariant 1; funclora/shadow.py)."""
 
+import functools
 import threading
 
 import pytest
@@ -122,6 +123,10 @@ def test_training_mode_threads_keep_their_own_flags_and_buffers():
     assert_unchanged(before, model)
 
 
+def _hooked_forward(module, *args, **kwargs):
+    return module._old_forward(*args, **kwargs)
+
+
 class _Referrer(nn.Module):
     """Reaches its layers through plain attributes too, as some models do."""
 
@@ -133,6 +138,10 @@ class _Referrer(nn.Module):
         object.__setattr__(self, "pair", (self.layers[0], self.layers[1]))
         object.__setattr__(self, "run_first", self.layers[0].forward)     # a bound method
         object.__setattr__(self, "by_name", {"second": self.layers[1]})  # a plain dict
+        # accelerate's hooks replace forward by a partial holding the module (device_map="auto")
+        hooked = self.layers[0]
+        hooked._old_forward = hooked.forward
+        hooked.forward = functools.update_wrapper(functools.partial(_hooked_forward, hooked), hooked._old_forward)
 
     def forward(self, x):
         return self.last(self.first(x)) + self.pair[1](self.run_first(x)) + self.by_name["second"](x)
