@@ -51,6 +51,7 @@ from .distributed import fsdp_units, fully_shard_used, sharded_forward
 from .errors import AdapterMismatchError
 from .lazy import LoraParts, linear_view, lora_weight
 from .rules import Factor, _FactoredRule, init_factor
+from .quantized import OutputRule, output_view
 from .shadow import Shadower
 from .targeting import Plan, make_plan
 
@@ -162,7 +163,11 @@ class LoRA:
                               if spec.layout == "linear" and type(spec.module).forward is nn.Linear.forward}
         # each call runs on its own shallow shadow of the module tree (funclora/shadow.py)
         self._shadower = Shadower(model)
-        self._generic = tuple((path, t) for path, t in self.plan.targets.items() if path not in self._lazy)
+        # quantized layers (QLoRA): the branch goes on the layer's output, in the view (funclora/quantized.py)
+        self._output_views = {path: (t.module_path, output_view(type(t.module)))
+                              for path, t in self.plan.targets.items() if isinstance(t.rule, OutputRule)}
+        self._generic = tuple((path, t) for path, t in self.plan.targets.items()
+                              if path not in self._lazy and path not in self._output_views)
         self._replaced_names = tuple([(f"{path}.{n}", path, n) for path, names in self.plan.saved.items() for n in names]
                                      + [(f"{path}.bias", path, "bias") for path in self.plan.biases])
 
@@ -219,9 +224,9 @@ class LoRA:
         how = self.config.init_lora_weights
         adapter: Adapter = {}
         for path, t in self.plan.targets.items():
-            base = t.module.get_parameter(self._updated[path][0])
-            leaf_dtype = _factor_dtype(base.dtype, dtype)
-            adapter[path] = {leaf: init_factor(spec, t.r, how, generator, leaf_dtype, base.device)
+            base_dtype, device = self._base_dtype_device(path)
+            leaf_dtype = _factor_dtype(base_dtype, dtype)
+            adapter[path] = {leaf: init_factor(spec, t.r, how, generator, leaf_dtype, device)
                              for leaf, spec in self._specs[path].items() if isinstance(spec, Factor)}
         for path, names in self.plan.saved.items():
             module = self.model.get_submodule(path)
@@ -242,7 +247,7 @@ class LoRA:
         """
         out: dict = {}
         for path, t in self.plan.targets.items():
-            dtype = _factor_dtype(t.module.get_parameter(self._updated[path][0]).dtype, None)
+            dtype = _factor_dtype(self._base_dtype_device(path)[0], None)
             out[path] = {leaf: dtype for leaf, spec in self._specs[path].items() if isinstance(spec, Factor)}
         for path, names in self.plan.saved.items():
             module = self.model.get_submodule(path)
@@ -250,6 +255,14 @@ class LoRA:
         for path in self.plan.biases:
             out.setdefault(path, {})["bias"] = self.model.get_submodule(path).bias.dtype
         return {p: out[p] for p in self._specs}
+
+    def _base_dtype_device(self, path: str) -> tuple[torch.dtype, torch.device]:
+        """The dtype factors follow and the device they live on (a quantized layer: float32, as PEFT)."""
+        t = self.plan.targets[path]
+        if path in self._output_views:
+            return torch.float32, t.module.weight.device
+        base = t.module.get_parameter(self._updated[path][0])
+        return base.dtype, base.device
 
     def check(self, adapter: Adapter, *, batched: int = 0) -> None:
         """Raise :class:`AdapterMismatchError` unless ``adapter`` has exactly the expected leaves.
@@ -408,6 +421,13 @@ class LoRA:
         except RuntimeError as e:
             if self._rnn_paths and _NO_RNN_BATCHING.search(str(e)):
                 raise _rnn_vmap_error(self.model, self._rnn_paths, str(e)) from None
+            if self._output_views and "must override the setup_context" in str(e):
+                kinds = sorted({type(self.plan.targets[p].module).__name__ for p in self._output_views})
+                raise RuntimeError(
+                    f"LoRA: torch.func transforms (vmap, grad) cannot run through the quantized layers "
+                    f"{kinds} at {list(self._output_views)[:3]}: their library's autograd.Function has no "
+                    "setup_context. Run the adapters one at a time ([lora(fl.select(stacked, i), x) ...]) "
+                    "or lora.route(stacked, index, x), and train with loss.backward().") from e
             raise
 
     def bind(self, adapter: Adapter, *, params: dict[str, torch.Tensor] | None = None,
@@ -514,6 +534,13 @@ class LoRA:
                 out[name] = lora_weight(parts)
             else:
                 views[view[0]] = view[1], parts
+        for path, (module_path, cls) in self._output_views.items():
+            t = self.plan.targets[path]
+            if views is None:  # torch.compile / an explicit overlay: no view to add the branch in
+                t.rule.overlay(t.module, {}, adapter[path], t.scaling, path=path)  # raises, naming the layer
+            dropout = t.dropout if (t.module.training if training is None else training) else 0.0
+            views[module_path] = cls, LoraParts(None, adapter[path]["lora_A"], adapter[path]["lora_B"],
+                                                t.scaling, "linear", dropout, path)
         for path, t in self._generic:
             base = {n: self._base(full, params) for n, full in self._base_names[path]}
             if detach:
@@ -702,7 +729,7 @@ class LoRA:
                 trainable += n
                 if not (path in self.plan.biases and leaf == "bias"):
                     copies += n
-        base = sum(p.numel() for p in self.model.parameters())
+        base = sum(_stored_values(p) for p in self.model.parameters())
         return trainable, base + copies
 
     def print_trainable_parameters(self, adapter: Adapter | None = None) -> None:
@@ -770,6 +797,14 @@ def _owner(model: nn.Module, name: str) -> tuple[nn.Module | None, str]:
         return model.get_submodule(prefix), leaf
     except AttributeError:
         return None, leaf
+
+
+def _stored_values(p: torch.Tensor) -> int:
+    """How many weights ``p`` holds, counted as PEFT counts them: a bitsandbytes 4-bit parameter
+    packs two values per byte of its storage."""
+    if type(p).__name__ == "Params4bit":
+        return p.numel() * 2 * p.element_size()
+    return p.numel()
 
 
 def _factor_dtype(base_dtype: torch.dtype, dtype) -> torch.dtype:

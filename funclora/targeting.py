@@ -250,7 +250,7 @@ def _check_dense_weights(module: nn.Module, rule, path: str) -> None:
             f"LoRA: target {path!r} ({type(module).__module__}.{type(module).__qualname__}) stores its "
             f"{name!r} as {what}, not as a dense floating-point tensor: it is quantized or packed "
             "(bitsandbytes, torchao, GPTQ, AWQ, HQQ, ...), and funclora's built-in rules would misread "
-            "it. funclora has no LoRA rule for quantized layers yet: leave the layer out "
+            "it. funclora's quantized rules cover bitsandbytes Linear4bit / Linear8bitLt only: leave the layer out "
             "(exclude_modules), load the model unquantized, or register a rule for "
             f"{type(module).__qualname__} (fl.register_rule) whose overlay adds the LoRA branch its own way."
         )

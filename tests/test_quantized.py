@@ -1,9 +1,10 @@
-"""Quantized or packed base weights are refused at ``fl.LoRA(...)``, naming the layer and the fix.
-
-funclora has no QLoRA rules yet. Before this check, a bitsandbytes ``Linear4bit`` target got
-uint8 factors and its forward silently ignored the adapter; now every such layer raises up
-front (and factors are never made in a non-float dtype).
+"""Quantized bases. bitsandbytes ``Linear4bit`` (nf4 / fp4) and ``Linear8bitLt`` get the LoRA
+branch on their output (funclora/quantized.py), equal to PEFT's QLoRA; a quantized or packed
+weight funclora has no rule for is refused at ``fl.LoRA(...)``, naming the layer and the fix
+(before, a ``Linear4bit`` target got uint8 factors and its forward silently ignored the adapter).
 """
+
+import copy
 
 import warnings
 
@@ -14,30 +15,104 @@ from torch import nn
 import funclora as fl
 
 
-def _bnb_layers():
+KINDS = [("nf4", torch.float32, False), ("fp4", torch.float32, False), ("nf4", torch.bfloat16, False),
+         ("nf4", torch.float32, True), ("int8", torch.float32, False)]
+
+
+def _quantized_mlp(kind, compute, double_quant):
+    """An MLP whose two Linears are bitsandbytes layers holding a fixed dense model's weights."""
     bnb = pytest.importorskip("bitsandbytes")
-    dense = nn.Linear(16, 8)
-    layers = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")       # bitsandbytes' notes about its CPU kernels
-        for name, layer in [("nf4", bnb.nn.Linear4bit(16, 8, compute_dtype=torch.float32, quant_type="nf4")),
-                            ("fp4", bnb.nn.Linear4bit(16, 8, compute_dtype=torch.bfloat16, quant_type="fp4")),
-                            ("int8", bnb.nn.Linear8bitLt(16, 8, has_fp16_weights=False))]:
-            layer.load_state_dict(dense.state_dict())
-            layers[name] = layer.to("cpu")
-    return layers
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64))   # widths: multiples of bnb's CPU blocks
+    for i in (0, 2):
+        dense = model[i]
+        if kind == "int8":
+            layer = bnb.nn.Linear8bitLt(dense.in_features, dense.out_features, has_fp16_weights=False)
+        else:
+            layer = bnb.nn.Linear4bit(dense.in_features, dense.out_features, compute_dtype=compute,
+                                      quant_type=kind, compress_statistics=double_quant)
+        layer.load_state_dict(dense.state_dict())
+        model[i] = layer.to("cpu")
+    return model
 
 
-@pytest.mark.parametrize("kind", ["nf4", "fp4", "int8"])
-def test_bitsandbytes_layers_are_refused_up_front(kind):
-    layer = _bnb_layers()[kind]
-    model = nn.Sequential(nn.Linear(16, 16), layer)
-    with pytest.raises(fl.UnsupportedModuleError,
-                       match=r"target '1' \(bitsandbytes\.nn\.modules\.Linear(4bit|8bitLt)\).*(uint8|int8).*"
-                             r"exclude_modules.*fl\.register_rule"):
-        fl.LoRA(model, fl.LoraConfig(target_modules=["0", "1"]))
-    lora = fl.LoRA(model, fl.LoraConfig(target_modules=["0", "1"], exclude_modules=["1"]))   # the fix
-    assert lora.targeted_module_names == ["0"]
+def _adapter(lora, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return {p: {k: (0.2 * torch.randn(v.shape, generator=g)).requires_grad_() for k, v in leaves.items()}
+            for p, leaves in lora.init().items()}
+
+
+@pytest.mark.parametrize("kind, compute, double_quant", KINDS)
+def test_qlora_equals_peft(kind, compute, double_quant, tmp_path):
+    """Outputs, gradients and files against PEFT 0.21.2's QLoRA on the same quantized model."""
+    import peft
+    from peft_reference import load_into_peft, peft_grads
+
+    model = _quantized_mlp(kind, compute, double_quant)     # train mode: bitsandbytes repacks nothing
+    config = dict(target_modules=["0", "2"], r=4, lora_alpha=8, modules_to_save=None)
+    lora = fl.LoRA(model, fl.LoraConfig(**config))
+    adapter, x = _adapter(lora), torch.randn(5, 64)
+    assert {t.dtype for leaves in adapter.values() for t in leaves.values()} == {torch.float32}   # as PEFT's
+    twin = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(**config))
+    load_into_peft(twin, adapter)
+    ours, theirs = lora(adapter, x), twin(x)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+    assert (ours - model(x)).abs().max() > 0.1                     # the adapter is applied
+    assert lora.num_parameters() == twin.get_nb_trainable_parameters()   # 4-bit weights counted as PEFT does
+    ours.square().sum().backward()
+    theirs.square().sum().backward()
+    for path, leaves in peft_grads(twin, adapter).items():
+        for leaf, g in leaves.items():
+            torch.testing.assert_close(adapter[path][leaf].grad, g, rtol=1e-5, atol=1e-6)
+    fl.save_adapter(tmp_path / "ours", adapter, lora=lora)          # files both ways
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(tmp_path / "ours")).train()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), lora(adapter, x), rtol=0, atol=1e-5)
+    twin.save_pretrained(str(tmp_path / "peft"))
+    back, _ = fl.load_adapter(tmp_path / "peft", model=model)
+    with torch.no_grad():
+        torch.testing.assert_close(lora(back, x), twin(x), rtol=0, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop because we have not yet implemented the batching")
+def test_qlora_leaves_the_model_alone_and_refuses_what_it_cannot_place():
+    """The view adds the branch and never repacks the user's weight; merge and compile refuse."""
+    import peft
+    from peft_reference import load_into_peft
+
+    model = _quantized_mlp("nf4", torch.float32, False).eval()
+    weights = [model[i].weight.data.clone() for i in (0, 2)]
+    lora = fl.LoRA(model, fl.LoraConfig(target_modules=["0", "2"], r=4))
+    adapter, x = _adapter(lora), torch.randn(5, 64)
+    with torch.no_grad():
+        first = lora(adapter, x)                           # eval, no gradients: where bitsandbytes repacks
+    assert all(torch.equal(model[i].weight.data, w) for i, w in zip((0, 2), weights))
+    assert not getattr(model[0].weight.quant_state, "packing_format_for_cpu", False)
+    twin = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(target_modules=["0", "2"], r=4)).eval()
+    load_into_peft(twin, adapter)
+    with torch.no_grad():
+        model(x)                 # the user's own eval forward: bitsandbytes may repack (AVX512-BF16 CPUs)
+        twin(x)
+        torch.testing.assert_close(lora(adapter, x), twin(x), rtol=0, atol=1e-5)   # funclora = PEFT either way
+        torch.testing.assert_close(lora(adapter, x), first, rtol=0, atol=0.05)     # bf16 kernel if repacked
+    stacked = fl.stack([adapter, {p: {k: v * 2 for k, v in ls.items()} for p, ls in adapter.items()}])
+    with torch.no_grad():
+        routed = lora.route(stacked, [1, 0, 0, 1, 1], x)
+        torch.testing.assert_close(routed[1:3], lora(adapter, x)[1:3], rtol=0, atol=1e-6)
+    other = _adapter(lora, 2)
+    with torch.no_grad():
+        many = torch.func.vmap(lora, in_dims=(0, None))(fl.stack([adapter, other]), x)   # vmap over 4-bit layers
+        torch.testing.assert_close(many[1], lora(other, x), rtol=0, atol=1e-5)
+    int8 = _quantized_mlp("int8", torch.float32, False)
+    lora8 = fl.LoRA(int8, fl.LoraConfig(target_modules=["0", "2"], r=4))
+    with pytest.raises(RuntimeError, match=r"cannot run through the quantized layers \['Linear8bitLt'\]"):
+        torch.func.vmap(lora8, in_dims=(0, None))(fl.stack([_adapter(lora8), _adapter(lora8, 2)]), x)
+    with pytest.raises(NotImplementedError, match=r"LoRA.merge: cannot form the update of '0'.*quantized"):
+        lora.merge(adapter)
+    step = torch.compile(lambda a: lora(a, x), fullgraph=True)
+    with pytest.raises(Exception, match=r"'0' \(Linear4bit\) gets its LoRA branch on its output"):
+        step(adapter)
+    assert type(model[0]).__name__ == "Linear4bit" and "forward" not in model[0].__dict__
 
 
 def test_torchao_quantized_linear_is_refused():
@@ -58,6 +133,7 @@ class PackedLinear(nn.Linear):
 
 
 def test_integer_weights_of_any_layer_are_refused_and_user_rules_decide_for_themselves():
+    """GPTQ / AWQ / HQQ-like layers: no rule knows their packing, so targeting them raises."""
     model = nn.Sequential(PackedLinear(16, 8))
     with pytest.raises(fl.UnsupportedModuleError, match=r"target '0' \(.*PackedLinear\).*torch\.int32"):
         fl.LoRA(model, fl.LoraConfig(target_modules="all-linear"))

@@ -1,0 +1,103 @@
+"""LoRA on quantized layers (QLoRA): the branch is added to the layer's output.
+
+A bitsandbytes ``Linear4bit`` (nf4 / fp4) or ``Linear8bitLt`` keeps its weight as packed integers
+that only its own forward decodes, so there is no dense ``W`` to put a lazy ``W (+) s·B@A`` in.
+Its :class:`OutputRule` adds the LoRA branch to what the layer returns, as PEFT's
+``lora.bnb.Linear4bit`` / ``Linear8bitLt`` do::
+
+    y = layer(x) + (s · B(A(drop(x.to(A.dtype))))).to(y.dtype)
+
+The call's view of the layer (funclora/shadow.py) is an instance of :func:`output_view` of its
+class, so the user's layer stays untouched and no dequantized copy of its weight is made.
+Factors are float32 by default (PEFT's too); the branch runs in the factors' dtype.
+
+bitsandbytes repacks a ``Linear4bit``'s weight in place on CPUs with AVX512-BF16, the first time
+the layer runs in eval mode without gradients (its kernel then computes in bf16). funclora's
+calls never trigger that: the view runs the layer with its own train flag set. The user's own
+``model(x)`` still may, and then every later call, funclora's and PEFT's, uses the repacked
+weight.
+
+Only an eager call builds views: ``torch.compile`` (which traces ``functional_call``), FSDP2 and
+``merge`` / ``delta`` cannot place this branch, and each raises, naming the layer.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .lazy import LoraParts
+from .rules import _BUILTIN, Factor, Rule
+
+__all__ = ["OutputRule", "output_view"]
+
+
+class OutputRule(Rule):
+    """LoRA on a linear layer whose weight is quantized: ``lora_A (r, in)``, ``lora_B (out, r)``.
+
+    The branch is added to the layer's output (see the module docstring); ``merge`` refuses.
+
+    Example:
+        >>> import torch
+        >>> from funclora.quantized import OutputRule
+        >>> OutputRule().factors(torch.nn.Linear(4, 3), 2)["lora_B"].shape
+        (3, 2)
+    """
+
+    supports_dropout = True
+    names = ("lora_A", "lora_B")
+
+    def updated_parameters(self, module):
+        return ()
+
+    def factors(self, module, r):
+        return {"lora_A": Factor((r, module.in_features), "A"), "lora_B": Factor((module.out_features, r), "B")}
+
+    def delta(self, module, factors, scaling):
+        raise NotImplementedError(
+            f"{type(module).__name__} keeps its weight quantized; merging would mean dequantizing it, adding "
+            "s·B@A and quantizing again, which funclora does not do yet. Run the adapter unmerged "
+            "(lora(adapter, x)), or merge into an unquantized copy of the model.")
+
+    def overlay(self, module, params, factors, scaling, *, dropout=0.0, path=""):
+        raise NotImplementedError(
+            f"LoRA: {path!r} ({type(module).__name__}) gets its LoRA branch on its output, which only an eager "
+            "call places (on the call's view of the model); torch.compile, FSDP2 and explicit overlays "
+            "cannot. Call lora(adapter, x) eagerly for this model.")
+
+
+def output_view(cls: type) -> type:
+    """The class of a call's view of a ``cls`` layer: its own forward, plus the LoRA branch.
+
+    The view's ``_view_state`` is the :class:`~funclora.lazy.LoraParts` (``base`` unused).
+    """
+    view = _VIEWS.get(cls)
+    if view is None:
+        base_forward = cls.forward
+
+        def forward(self, x, *args, **kwargs):
+            parts: LoraParts = self.__dict__["_view_state"]
+            if not self.training and getattr(self, "support_avx512bf16_for_cpu", False):
+                # bitsandbytes repacks a Linear4bit's weight in place, for AVX512-BF16 CPUs, on an eval
+                # forward without gradients; this flag lives on the call's view, so a funclora call
+                # never does that to the user's layer (its own model(x) still may)
+                self.__dict__["training"] = True
+            result = base_forward(self, x, *args, **kwargs)
+            h = x if x.dtype == parts.A.dtype else x.to(parts.A.dtype)
+            if parts.dropout > 0:
+                h = F.dropout(h, parts.dropout, training=True)
+            update = F.linear(F.linear(h, parts.A), parts.B) * parts.scaling
+            return result + (update if update.dtype == result.dtype else update.to(result.dtype))
+
+        view = _VIEWS[cls] = type(cls.__name__, (cls,), {
+            "__module__": cls.__module__, "__qualname__": cls.__qualname__, "forward": forward})
+    return view
+
+
+_VIEWS: dict[type, type] = {}
+
+
+# bitsandbytes' quantized linears (matched by name: bitsandbytes is optional)
+_BUILTIN.update({"bitsandbytes.nn.modules.Linear4bit": OutputRule(),
+                 "bitsandbytes.nn.modules.Linear8bitLt": OutputRule()})
