@@ -1,9 +1,10 @@
 """LoRA on quantized layers (QLoRA): the branch is added to the layer's output.
 
 A bitsandbytes ``Linear4bit`` (nf4 / fp4) or ``Linear8bitLt`` keeps its weight as packed integers
-that only its own forward decodes, so there is no dense ``W`` to put a lazy ``W (+) s·B@A`` in.
-Its :class:`OutputRule` adds the LoRA branch to what the layer returns, as PEFT's
-``lora.bnb.Linear4bit`` / ``Linear8bitLt`` do::
+that only its own forward decodes, and a torchao-quantized ``nn.Linear`` holds a tensor subclass
+that ``F.linear`` dispatches on; either way there is no dense ``W`` to put a lazy
+``W (+) s·B@A`` in. :class:`OutputRule` adds the LoRA branch to what the layer returns, as PEFT's
+``lora.bnb.Linear4bit`` / ``Linear8bitLt`` / ``TorchaoLoraLinear`` do::
 
     y = layer(x) + (s · B(A(drop(x.to(A.dtype))))).to(y.dtype)
 
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .lazy import LoraParts
-from .rules import _BUILTIN, Factor, Rule
+from .rules import _BUILTIN, Factor, LinearRule, Rule
 
 __all__ = ["OutputRule", "output_view"]
 
@@ -98,6 +99,21 @@ def output_view(cls: type) -> type:
 _VIEWS: dict[type, type] = {}
 
 
+def for_quantized_weight(module: nn.Module, rule: Rule | None) -> Rule | None:
+    """``rule``, or :class:`OutputRule` for an ``nn.Linear`` (built-in rule) whose weight torchao quantized.
+
+    torchao's ``quantize_`` keeps the layer an ``nn.Linear`` and makes its weight a tensor subclass
+    (``Int8Tensor``, ``NF4Tensor``, ...) that ``F.linear`` dispatches on: the branch goes on the output.
+    """
+    if type(rule) is not LinearRule:
+        return rule
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and type(weight).__module__.split(".")[0] == "torchao":
+        return _OUTPUT
+    return rule
+
+
+_OUTPUT = OutputRule()
+
 # bitsandbytes' quantized linears (matched by name: bitsandbytes is optional)
-_BUILTIN.update({"bitsandbytes.nn.modules.Linear4bit": OutputRule(),
-                 "bitsandbytes.nn.modules.Linear8bitLt": OutputRule()})
+_BUILTIN.update({"bitsandbytes.nn.modules.Linear4bit": _OUTPUT, "bitsandbytes.nn.modules.Linear8bitLt": _OUTPUT})

@@ -30,6 +30,7 @@ from torch.nn.utils import parametrize
 from .config import LoraConfig
 from .default_targets import default_targets
 from .errors import TargetNotFoundError, UnsupportedModuleError
+from .quantized import for_quantized_weight
 from .rules import ParameterRule, Rule, find_rule, overlay_is_builtin, supported_types
 
 __all__ = ["Target", "Plan", "make_plan"]
@@ -250,7 +251,8 @@ def _check_dense_weights(module: nn.Module, rule, path: str) -> None:
             f"LoRA: target {path!r} ({type(module).__module__}.{type(module).__qualname__}) stores its "
             f"{name!r} as {what}, not as a dense floating-point tensor: it is quantized or packed "
             "(bitsandbytes, torchao, GPTQ, AWQ, HQQ, ...), and funclora's built-in rules would misread "
-            "it. funclora's quantized rules cover bitsandbytes Linear4bit / Linear8bitLt only: leave the layer out "
+            "it. funclora's quantized rules cover bitsandbytes Linear4bit / Linear8bitLt and torchao-quantized "
+            "nn.Linear only: leave the layer out "
             "(exclude_modules), load the model unquantized, or register a rule for "
             f"{type(module).__qualname__} (fl.register_rule) whose overlay adds the LoRA branch its own way."
         )
@@ -275,6 +277,7 @@ def make_plan(model: nn.Module, config: LoraConfig) -> Plan:
     used_rank, used_alpha = set(), set()
 
     def target(path, module_path, module, rule):
+        rule = for_quantized_weight(module, rule)
         r = _pattern_value(path, config.rank_pattern, config.r, used_rank)
         alpha = _pattern_value(path, config.alpha_pattern, config.lora_alpha, used_alpha)
         rule.check(module, r, path)

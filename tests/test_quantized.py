@@ -5,6 +5,7 @@ weight funclora has no rule for is refused at ``fl.LoRA(...)``, naming the layer
 """
 
 import copy
+import gc
 
 import warnings
 
@@ -115,12 +116,61 @@ def test_qlora_leaves_the_model_alone_and_refuses_what_it_cannot_place():
     assert type(model[0]).__name__ == "Linear4bit" and "forward" not in model[0].__dict__
 
 
-def test_torchao_quantized_linear_is_refused():
+def test_torchao_int8_weight_only_equals_peft(tmp_path):
+    """torchao's quantize_ keeps nn.Linear with an Int8Tensor weight: the branch goes on the output,
+    outputs / gradients / files equal PEFT's TorchaoLoraLinear; vmap works over it."""
+    import peft
+    from peft_reference import load_into_peft, peft_grads
+
     quantization = pytest.importorskip("torchao.quantization")
-    model = nn.Sequential(nn.Linear(16, 8))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64))
     quantization.quantize_(model, quantization.Int8WeightOnlyConfig())
-    with pytest.raises(fl.UnsupportedModuleError, match=r"target '0' .*torchao.*Int8Tensor.*quantized or packed"):
-        fl.LoRA(model, fl.LoraConfig(target_modules=["0"]))
+    config = dict(target_modules=["0", "2"], r=4, lora_alpha=8)
+    lora = fl.LoRA(model, fl.LoraConfig(**config))
+    assert [type(t.rule).__name__ for t in lora.plan.targets.values()] == ["OutputRule", "OutputRule"]
+    adapter, x = _adapter(lora), torch.randn(5, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # PEFT: "instantiated without get_apply_tensor_subclass" (merge off)
+        twin = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(**config))
+    load_into_peft(twin, adapter)
+    ours, theirs = lora(adapter, x), twin(x)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+    ours.square().sum().backward()
+    theirs.square().sum().backward()
+    for path, leaves in peft_grads(twin, adapter).items():
+        for leaf, g in leaves.items():
+            torch.testing.assert_close(adapter[path][leaf].grad, g, rtol=1e-5, atol=1e-6)
+    fl.save_adapter(tmp_path, adapter, lora=lora)
+    back, _ = fl.load_adapter(tmp_path, model=model)
+    other = _adapter(lora, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(lora(back, x), ours, rtol=0, atol=0)
+        many = torch.func.vmap(lora, in_dims=(0, None))(fl.stack([adapter, other]), x)
+        torch.testing.assert_close(many[1], lora(other, x), rtol=0, atol=1e-5)
+    assert type(model[0].weight).__name__ == "Int8Tensor"
+
+
+def _dense_copies(shapes) -> int:
+    """How many float tensors of the given weight shapes are alive (a dequantized weight would be one)."""
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if type(o) in (torch.Tensor, nn.Parameter) and o.is_floating_point()
+               and tuple(o.shape) in shapes)
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_no_dequantized_copy_outlives_a_call(kind):
+    model = _quantized_mlp(kind, torch.float32, False)
+    shapes = {(128, 64), (64, 128)}
+    before = _dense_copies(shapes)
+    lora = fl.LoRA(model, fl.LoraConfig(target_modules=["0", "2"], r=4))
+    adapter, x = _adapter(lora), torch.randn(5, 64)
+    lora(adapter, x).sum().backward()
+    with torch.no_grad():
+        bound = lora.bind(adapter)
+        bound(x)
+    del bound
+    assert _dense_copies(shapes) == before == 0
 
 
 class PackedLinear(nn.Linear):
