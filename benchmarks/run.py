@@ -90,6 +90,7 @@ class Workload:
     dtype: torch.dtype = torch.float32
     factors_in_base_dtype: bool = False     # funclora init(dtype="base"), PEFT autocast_adapter_dtype=False
     checkpointing: bool = False             # transformers gradient checkpointing on (both sides)
+    quantize: str | None = None             # "nf4" / "int8": the decoder's Linears become bitsandbytes layers
     metrics: tuple = ("train", "train_func_grad", "infer", "merged", "memory", "compile")
     note: str = ""
 
@@ -146,7 +147,7 @@ def _tokens(batch, seq, vocab):
 
 
 def _llama(hidden, layers, seq, batch, vocab, dtype, all_linear=False, base_dtype_factors=False,
-           checkpointing=False) -> Workload:
+           checkpointing=False, quantize=None) -> Workload:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     heads = max(4, hidden // 128)
@@ -166,6 +167,9 @@ def _llama(hidden, layers, seq, batch, vocab, dtype, all_linear=False, base_dtyp
     factors = ""
     if checkpointing:
         name, factors = f"{name}_checkpointing", ", gradient checkpointing on (use_reentrant=False)"
+    if quantize:
+        name, factors = f"qlora_{quantize}", (f", decoder Linears quantized by bitsandbytes ({quantize}, "
+                                              "fp32 compute), fp32 factors")
     if base_dtype_factors:
         name, factors = f"{name}_{str(dtype).removeprefix('torch.')}_factors", (
             f", factors in {str(dtype).removeprefix('torch.')} too (funclora init(dtype='base'), "
@@ -175,9 +179,11 @@ def _llama(hidden, layers, seq, batch, vocab, dtype, all_linear=False, base_dtyp
         metrics = ("train", "infer", "memory")
     if checkpointing:
         metrics = ("train", "memory")
+    if quantize:
+        metrics = ("train", "infer", "memory", "base_bytes")
     return Workload(name, build, dict(target_modules=targets, r=16, lora_alpha=32), _tokens(batch, seq, vocab),
                     _lm_loss, dtype=dtype, factors_in_base_dtype=base_dtype_factors, checkpointing=checkpointing,
-                    metrics=metrics,
+                    quantize=quantize, metrics=metrics,
                     note=f"Llama-like: hidden {hidden}, {layers} layers, inter {inter}, vocab {vocab}, "
                          f"seq {seq}, batch {batch}, {str(dtype).removeprefix('torch.')}, LoRA r=16 on {what}"
                          + factors)
@@ -228,12 +234,13 @@ def workloads(device: str, quick: bool, dtype: str) -> list[Workload]:
         gpt2 = _gpt2(256, 4, 128, 8, 8192)
     llama, llama_all = _llama(*shape), _llama(*shape, all_linear=True)
     llama_ckpt = _llama(*shape, checkpointing=True)
+    qlora = [_llama(*shape, quantize=kind) for kind in ("nf4", "int8")]
     if cuda:  # the GPU targets are on the Llama-like model: measure it first, while the budget is fresh
         out = [llama, _tiny(), _mlp(64), _mlp(1024), gpt2, pool, llama_all, llama_ckpt]
         if lm_dtype != torch.float32:  # also with half-precision factors: the branch then runs on tensor cores
             out.insert(1, _llama(*shape, base_dtype_factors=True))
         return out
-    out = [_tiny(), _mlp(64), _mlp(1024), pool, llama, llama_ckpt, llama_all, gpt2]
+    out = [_tiny(), _mlp(64), _mlp(1024), pool, llama, llama_ckpt, llama_all, gpt2, *qlora]
     if quick:  # compile and the memory subprocesses only where they are cheap
         for w in out:
             if w.name != "mlp_b64":
@@ -267,7 +274,41 @@ def build_model(wl: Workload, device) -> nn.Module:
             enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model.to(dtype=wl.dtype).requires_grad_(False)
+    model = model.to(dtype=wl.dtype).requires_grad_(False)
+    if wl.quantize:
+        _quantize(model, wl.quantize)
+    return model
+
+
+def _quantize(model: nn.Module, kind: str) -> None:
+    """Replace every nn.Linear of the decoder layers by a bitsandbytes layer with its weights."""
+    import bitsandbytes as bnb
+
+    for name, module in list(model.named_modules()):
+        if type(module) is nn.Linear and ".layers." in f".{name}":
+            if kind == "int8":
+                q = bnb.nn.Linear8bitLt(module.in_features, module.out_features, bias=module.bias is not None,
+                                        has_fp16_weights=False)
+            else:
+                q = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
+                                      compute_dtype=torch.float32, quant_type=kind)
+            q.load_state_dict(module.state_dict())
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent), leaf, q.to(module.weight.device).requires_grad_(False))
+
+
+def _model_mib(model: nn.Module, linears_only: bool = False) -> float:
+    """Bytes of the parameters and buffers (with bitsandbytes' quantization statistics), in MiB."""
+    modules = [m for n, m in model.named_modules() if ".layers." in f".{n}" and hasattr(m, "in_features")] \
+        if linears_only else [model]
+    total = 0
+    for module in modules:
+        for t in (*module.parameters(), *module.buffers()):
+            total += t.numel() * t.element_size()
+            state = getattr(t, "quant_state", None)          # 4-bit: absmax per block (+ nested for double quant)
+            extra = [getattr(state, "absmax", None), getattr(state, "code", None), getattr(t, "SCB", None)]
+            total += sum(x.numel() * x.element_size() for x in extra if isinstance(x, torch.Tensor))
+    return total / 2**20
 
 
 def build_funclora(wl: Workload, model: nn.Module, device):
@@ -478,7 +519,7 @@ def run_workload(wl: Workload, args, timer: Timer, budget: Budget, emit) -> None
     print(f"  [{wl.name}] funclora vs PEFT outputs: max |diff| = {diff:.2e}", flush=True)
 
     steps = [("train", m_train), ("train_func_grad", m_func_grad), ("infer", m_infer), ("memory", m_memory),
-             ("merged", m_merged), ("compile", m_compile), ("threads", m_threads)]
+             ("merged", m_merged), ("compile", m_compile), ("threads", m_threads), ("base_bytes", m_base_bytes)]
     for metric, fn in steps:
         if metric not in wl.metrics and not (metric == "infer" and "overhead" in wl.metrics):
             continue
@@ -570,6 +611,17 @@ def m_merged(st):
     emit(row(wl.name, "infer_merged", t["funclora"] * sc, t["peft"] * sc, st["unit"], base=t["base"] * sc,
              note=f"merged outputs agree to {diff:.1e}"))
     emit(row(wl.name, "infer_merged_vs_base", t["funclora"] / t["base"], t["peft"] / t["base"], "x base"))
+
+
+def m_base_bytes(st):
+    """The quantized base's bytes against the same model in full precision (funclora adds none)."""
+    wl = st["wl"]
+    dense = build_model(Workload(wl.name, wl.build, wl.lora, wl.batch, wl.loss, wl.dtype), st["args"].device)
+    linears = _model_mib(st["model"], linears_only=True) / _model_mib(dense, linears_only=True)
+    st["emit"](row(wl.name, "base_mib_vs_fp32", _model_mib(st["model"]), _model_mib(dense), "MiB",
+                   note=f"funclora column: the {wl.quantize} base model, which funclora leaves as it is (the adapter "
+                        f"lives outside it); PEFT column: the same model unquantized; the quantized Linears alone: "
+                        f"{linears:.3f}x their fp32 bytes (embeddings and the head stay fp32)"))
 
 
 def m_threads(st):
