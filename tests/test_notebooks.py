@@ -9,7 +9,7 @@ nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
 NOTEBOOKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "notebooks")
-NAMES = ["01_mlp", "02_timm", "03_transformers", "04_custom_layer", "05_many_adapters"]
+NAMES = ["01_mlp", "02_timm", "03_transformers", "04_custom_layer", "05_many_adapters", "06_qlora"]
 
 # What each story must show when it runs (a line of its text output), besides its plots.
 EXPECTED = {
@@ -22,6 +22,8 @@ EXPECTED = {
     "04_custom_layer": ["has no LoRA rule", "law 'well-formed' is broken", "same outputs after reloading: True",
                         "the original model was never modified: True", "route == one adapter per example: True"],
     "05_many_adapters": ["route == one adapter per example: True", "funclora route"],
+    "06_qlora": ["PEFT's q_proj: peft.tuners.lora.bnb.Linear4bit", "equal to PEFT: True",
+                 "the quantized model is unchanged: True"],
 }
 
 

@@ -54,7 +54,10 @@ def test_qlora_equals_peft(kind, compute, double_quant, tmp_path):
     lora = fl.LoRA(model, fl.LoraConfig(**config))
     adapter, x = _adapter(lora), torch.randn(5, 64)
     assert {t.dtype for leaves in adapter.values() for t in leaves.values()} == {torch.float32}   # as PEFT's
-    twin = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(**config))
+    base = copy.deepcopy(model)
+    base.is_loaded_in_8bit, base.is_loaded_in_4bit = kind == "int8", kind != "int8"   # as from_pretrained sets
+    twin = peft.get_peft_model(base, peft.LoraConfig(**config))
+    assert type(twin.base_model.model[0]).__module__ == "peft.tuners.lora.bnb"     # PEFT's own QLoRA layer
     load_into_peft(twin, adapter)
     ours, theirs = lora(adapter, x), twin(x)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
