@@ -19,7 +19,9 @@ calls never trigger that: the view runs the layer with its own train flag set. T
 weight.
 
 Only an eager call builds views: ``torch.compile`` (which traces ``functional_call``), FSDP2 and
-``merge`` / ``delta`` cannot place this branch, and each raises, naming the layer.
+``merge`` / ``delta`` cannot place this branch, and each raises, naming the layer. Under
+``torch.func`` transforms a ``Linear8bitLt`` is computed as its CPU kernel computes it (from the
+dequantized weight, a temporary of the call): bitsandbytes' own autograd.Function cannot be vmapped.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lazy import LoraParts
+from .lazy import LoraParts, _add_product, _lora_a
 from .rules import _BUILTIN, Factor, LinearRule, Rule
 
 __all__ = ["OutputRule", "output_view"]
@@ -84,11 +86,13 @@ def output_view(cls: type) -> type:
                 # forward without gradients; this flag lives on the call's view, so a funclora call
                 # never does that to the user's layer (its own model(x) still may)
                 self.__dict__["training"] = True
-            result = base_forward(self, x, *args, **kwargs)
-            h = x if x.dtype == parts.A.dtype else x.to(parts.A.dtype)
-            if parts.dropout > 0:
-                h = F.dropout(h, parts.dropout, training=True)
-            update = F.linear(F.linear(h, parts.A), parts.B) * parts.scaling
+            if _in_transform() and type(self.weight).__name__ == "Int8Params" and not args and not kwargs:
+                result = _int8_dequantized_linear(self, x)   # bitsandbytes' int8 Function cannot run under vmap
+            else:
+                result = base_forward(self, x, *args, **kwargs)
+            if not torch.is_grad_enabled():  # inference: the update is added into the layer's fresh output
+                return _add_product(result, _lora_a(x, parts), parts.B, parts.scaling)
+            update = F.linear(_lora_a(x, parts), parts.B) * parts.scaling   # PEFT's formula
             return result + (update if update.dtype == result.dtype else update.to(result.dtype))
 
         view = _VIEWS[cls] = type(cls.__name__, (cls,), {
@@ -97,6 +101,23 @@ def output_view(cls: type) -> type:
 
 
 _VIEWS: dict[type, type] = {}
+
+
+def _in_transform() -> bool:
+    """Whether a torch.func transform (vmap, grad) is running."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def _int8_dequantized_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A bitsandbytes ``Linear8bitLt`` computed as its CPU kernel does, ``x @ (CB·SCB/127)ᵀ + b``.
+
+    Its autograd.Function has no ``setup_context``, so torch.func cannot run it; the dense weight
+    made here is a temporary of this call.
+    """
+    weight = layer.weight
+    scales = weight.SCB if getattr(weight, "SCB", None) is not None else layer.state.SCB  # moved there by a forward
+    dense = weight.data.to(x.dtype) * (scales.to(x.dtype)[:, None] / 127)
+    return F.linear(x, dense, layer.bias)
 
 
 def for_quantized_weight(module: nn.Module, rule: Rule | None) -> Rule | None:

@@ -107,10 +107,15 @@ def test_qlora_leaves_the_model_alone_and_refuses_what_it_cannot_place():
     with torch.no_grad():
         many = torch.func.vmap(lora, in_dims=(0, None))(fl.stack([adapter, other]), x)   # vmap over 4-bit layers
         torch.testing.assert_close(many[1], lora(other, x), rtol=0, atol=1e-5)
-    int8 = _quantized_mlp("int8", torch.float32, False)
+    int8 = _quantized_mlp("int8", torch.float32, False)          # vmap and grad over 8-bit layers too
     lora8 = fl.LoRA(int8, fl.LoraConfig(target_modules=["0", "2"], r=4))
-    with pytest.raises(RuntimeError, match=r"cannot run through the quantized layers \['Linear8bitLt'\]"):
-        torch.func.vmap(lora8, in_dims=(0, None))(fl.stack([_adapter(lora8), _adapter(lora8, 2)]), x)
+    a8, b8 = _adapter(lora8), _adapter(lora8, 2)
+    with torch.no_grad():
+        many = torch.func.vmap(lora8, in_dims=(0, None))(fl.stack([a8, b8]), x)
+        torch.testing.assert_close(many[1], lora8(b8, x), rtol=1e-5, atol=1e-5)
+    grads = torch.func.grad(lambda a: lora8(a, x).square().sum())(a8)
+    lora8(a8, x).square().sum().backward()
+    torch.testing.assert_close(grads["2"]["lora_B"], a8["2"]["lora_B"].grad, rtol=1e-4, atol=1e-5)
     with pytest.raises(NotImplementedError, match=r"LoRA.merge: cannot form the update of '0'.*quantized"):
         lora.merge(adapter)
     step = torch.compile(lambda a: lora(a, x), fullgraph=True)
