@@ -86,7 +86,10 @@ def output_view(cls: type) -> type:
                 # forward without gradients; this flag lives on the call's view, so a funclora call
                 # never does that to the user's layer (its own model(x) still may)
                 self.__dict__["training"] = True
-            if _in_transform() and type(self.weight).__name__ == "Int8Params" and not args and not kwargs:
+            own = self.__dict__.get("_own_forward")   # an instance forward (e.g. accelerate's hook) runs the layer
+            if own is not None:
+                result = own(x, *args, **kwargs)
+            elif _in_transform() and type(self.weight).__name__ == "Int8Params" and not args and not kwargs:
                 result = _int8_dequantized_linear(self, x)   # bitsandbytes' int8 Function cannot run under vmap
             else:
                 result = base_forward(self, x, *args, **kwargs)
@@ -96,7 +99,8 @@ def output_view(cls: type) -> type:
             return result + (update if update.dtype == result.dtype else update.to(result.dtype))
 
         view = _VIEWS[cls] = type(cls.__name__, (cls,), {
-            "__module__": cls.__module__, "__qualname__": cls.__qualname__, "forward": forward})
+            "__module__": cls.__module__, "__qualname__": cls.__qualname__, "forward": forward,
+            "wraps_own_forward": True})
     return view
 
 

@@ -118,7 +118,9 @@ class Shadower:
                 shadow as its instance ``forward`` (a module with an instance ``forward`` of its own
                 keeps it).
             views: ``{module path: (class, state)}``: that module's shadow is an instance of
-                ``class`` (a subclass of the module's own) with ``state`` in its ``_view_state``.
+                ``class`` (a subclass of the module's own) with ``state`` in its ``_view_state``. If
+                ``class.wraps_own_forward``, an instance ``forward`` of the module moves to the
+                shadow's ``_own_forward`` (for the class's forward to call), else it is kept.
 
         Returns:
             The shadow root: call it (or its ``generate``) like the model.
@@ -156,6 +158,8 @@ class Shadower:
             else:
                 cls, d["_view_state"] = views[view]
                 shadow = _new(cls)
+                if "forward" in d and getattr(cls, "wraps_own_forward", False):
+                    d["_own_forward"] = d.pop("forward")  # the view's class forward wraps the module's own
             _object_setattr(shadow, "__dict__", d)
             if forward is not None and "forward" not in src:
                 d["forward"] = MethodType(forwards[forward], shadow)
@@ -174,6 +178,8 @@ class Shadower:
             for parent, name in step.links:
                 shadows[parent].__dict__["_modules"][name] = shadow
             for attr, value in step.remaps:
+                if attr == "forward" and "_own_forward" in shadow.__dict__:
+                    attr = "_own_forward"
                 shadow.__dict__[attr] = _redirect(value, by_id)
 
     def _recipe(self, tensors, all_modules: bool, forwards, views) -> tuple[_Step, ...]:

@@ -124,6 +124,28 @@ def test_qlora_leaves_the_model_alone_and_refuses_what_it_cannot_place():
     assert type(model[0]).__name__ == "Linear4bit" and "forward" not in model[0].__dict__
 
 
+def _hooked(module, *args, **kwargs):
+    return module._old_forward(*args, **kwargs)
+
+
+def test_a_hooked_quantized_layer_still_gets_its_branch():
+    """accelerate (device_map=...) replaces a layer's forward by partial(new_forward, layer): the
+    view's branch wraps that instance forward instead of being bypassed by it."""
+    import functools
+
+    model = _quantized_mlp("nf4", torch.float32, False)
+    lora = fl.LoRA(model, fl.LoraConfig(target_modules=["0", "2"], r=4))
+    adapter, x = _adapter(lora), torch.randn(5, 64)
+    with torch.no_grad():
+        want = lora(adapter, x)
+        for i in (0, 2):
+            layer = model[i]
+            layer._old_forward = layer.forward
+            layer.forward = functools.update_wrapper(functools.partial(_hooked, layer), layer._old_forward)
+        hooked = fl.LoRA(model, fl.LoraConfig(target_modules=["0", "2"], r=4))
+        torch.testing.assert_close(hooked(adapter, x), want, rtol=0, atol=0)
+
+
 def test_torchao_int8_weight_only_equals_peft(tmp_path):
     """torchao's quantize_ keeps nn.Linear with an Int8Tensor weight: the branch goes on the output,
     outputs / gradients / files equal PEFT's TorchaoLoraLinear; vmap works over it."""
