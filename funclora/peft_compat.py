@@ -33,9 +33,9 @@ class PeftModel(nn.Module):
     ``parameters()`` yields exactly the trainable adapter tensors (named like
     ``seq.0.lora_A``), so ``torch.optim.AdamW(peft_model.parameters())`` trains the adapter.
     ``train()`` / ``eval()`` set the mode the model runs in for this façade's forward, on the
-    call's own view of the model (:meth:`funclora.LoRA.bind`): the model's flags never change, and
-    several façades over one model can run at once, from several threads. Move the base model to a device yourself:
-    ``.to()`` here moves the adapter only.
+    call's own view of the model (:meth:`funclora.LoRA.bind`): the model's flags never change,
+    and several façades over one model can run at once, from several threads. Move the base
+    model to a device yourself: ``.to()`` here moves the adapter only.
 
     Example:
         >>> import torch, funclora as fl

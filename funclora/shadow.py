@@ -303,9 +303,9 @@ def _redirect(value, by_id: dict[int, nn.Module]):
     if isinstance(value, dict):
         return {k: by_id.get(id(v), v) if isinstance(v, nn.Module) else v for k, v in value.items()}
     if isinstance(value, functools.partial):
-        new = functools.partial(value.func, *(_redirect(v, by_id) if isinstance(v, nn.Module) else v for v in value.args),
-                                **{k: _redirect(v, by_id) if isinstance(v, nn.Module) else v
-                                   for k, v in value.keywords.items()})
+        args = (by_id.get(id(v), v) if isinstance(v, nn.Module) else v for v in value.args)
+        keywords = {k: by_id.get(id(v), v) if isinstance(v, nn.Module) else v for k, v in value.keywords.items()}
+        new = functools.partial(value.func, *args, **keywords)
         new.__dict__.update(value.__dict__)  # functools.update_wrapper's __wrapped__, __name__, ...
         return new
     return type(value)(by_id.get(id(v), v) if isinstance(v, nn.Module) else v for v in value)

@@ -234,9 +234,10 @@ def _check_not_parametrized(module: nn.Module, rule, path: str) -> None:
 def _check_dense_weights(module: nn.Module, rule, path: str) -> None:
     """A built-in rule adapts a dense floating-point weight; a quantized or packed one would be misread.
 
-    bitsandbytes ``Linear4bit`` / ``Linear8bitLt``, torchao-quantized ``nn.Linear``, GPTQ / AWQ /
-    HQQ layers and the like keep ``nn.Linear``'s class or a subclass, but their weight is integer
-    data (``uint8`` / ``int8`` / packed) or a tensor subclass that the layer's own forward decodes.
+    GPTQ / AWQ / HQQ layers and the like keep ``nn.Linear``'s class or a subclass, but their weight
+    is integer data (``int32`` / ``uint8`` / packed) or a tensor subclass that the layer's own
+    forward decodes. (bitsandbytes layers and torchao-quantized ``nn.Linear`` have an
+    :class:`~funclora.quantized.OutputRule` by now, whose overlay is not a built-in one.)
     """
     if not overlay_is_builtin(rule):
         return  # a user rule reads the weights its own way
