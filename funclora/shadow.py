@@ -177,10 +177,12 @@ class Shadower:
         for shadow, step in zip(shadows, steps):
             for parent, name in step.links:
                 shadows[parent].__dict__["_modules"][name] = shadow
-            for attr, value in step.remaps:
-                if attr == "forward" and "_own_forward" in shadow.__dict__:
+            d = shadow.__dict__
+            for attr, _ in step.remaps:  # the attribute's value now (the module may have been rewired since)
+                if attr == "forward" and "_own_forward" in d:
                     attr = "_own_forward"
-                shadow.__dict__[attr] = _redirect(value, by_id)
+                if attr in d and _refers(d[attr], by_id.keys()):
+                    d[attr] = _redirect(d[attr], by_id)
 
     def _recipe(self, tensors, all_modules: bool, forwards, views) -> tuple[_Step, ...]:
         """Which modules get a shadow (changed ones, whoever refers to them, their ancestors), in order."""
@@ -242,9 +244,9 @@ class Shadower:
                     f"LoRA: {path!r} ({type(module).__name__}) holds a module of the model inside its attribute "
                     f"{attr!r} (a {type(value).__name__}). funclora runs each call on its own view of the module "
                     "tree and cannot redirect such a reference, so that module would run with its own weights, "
-                    "without the adapter. Keep submodules as attributes, in lists or as bound methods (not in "
-                    "a functools.partial or a closure); for torch.compile, pass the uncompiled model and "
-                    "compile the LoRA call (torch.compile(lora)) instead.")
+                    "without the adapter. Keep submodules as attributes, in lists, dicts, bound methods or "
+                    "partial arguments (not inside a closure or a nested container); for torch.compile, pass "
+                    "the uncompiled model and compile the LoRA call (torch.compile(lora)) instead.")
         return tuple(out)
 
 
@@ -253,7 +255,7 @@ _object_setattr = object.__setattr__
 _MODULE_INTERNALS = frozenset(nn.Module().__dict__) | {"_compiled_call_impl"}  # the latter: nulled in build
 
 
-def _refers(value, chosen: set[int]) -> bool:
+def _refers(value, chosen) -> bool:
     """Whether ``value`` is a module in ``chosen``, or a list / tuple / dict or bound method that
     reaches one directly (what :func:`_redirect` can point at the shadow)."""
     if isinstance(value, nn.Module):

@@ -155,6 +155,10 @@ def test_plain_attribute_references_see_the_adapter():
     torch.testing.assert_close(lora(adapter, x), merged)
     with torch.no_grad():
         torch.testing.assert_close(lora(adapter, x), merged)
+    object.__setattr__(model, "first", model.layers[1])        # rewired after fl.LoRA: the view follows
+    rewired = torch.func.functional_call(model, lora.merge(adapter), (x,), tie_weights=False)
+    assert not torch.allclose(rewired, merged)
+    torch.testing.assert_close(lora(adapter, x), rewired)
 
 
 class _HiddenReference(nn.Module):
