@@ -217,10 +217,10 @@ def render() -> str:
               "- `funclora.distributed`: DDP / FSDP2 helpers, see [distributed.md](distributed.md).",
               "- `funclora.rules`: the built-in rules (`LinearRule`, `ConvRule`, `EmbeddingRule`, "
               "`Conv1DRule`, `MultiheadAttentionRule`), `find_rule`, `supported_types`.",
-              "- `funclora.route`, `funclora.combine`: the implementations behind `LoRA.route` and `LoRA.combine` "
+              "- `funclora.multi.route`, `funclora.multi.combine`: the implementations behind `LoRA.route` and `LoRA.combine` "
               "(their module docstrings describe the algorithms).",
-              "- `funclora.lazy`: the lazy LoRA weight (`LoraWeight`), see [how_it_works.md](how_it_works.md).",
-              "- `funclora.default_targets.DEFAULT_TARGETS`: `{model_type: target_modules}`.",
+              "- `funclora.core.lazy`: the lazy LoRA weight (`LoraWeight`), see [how_it_works.md](how_it_works.md).",
+              "- `funclora.core.default_targets.DEFAULT_TARGETS`: `{model_type: target_modules}`.",
               ""]
     return "\n".join(parts)
 

@@ -2,22 +2,23 @@
 
 An adapter is a plain pytree ``{module path: {leaf: Tensor}}``; the forward is a pure function
 of (base params, adapter, inputs), so ``grad``, ``vmap`` and ``torch.compile`` compose with it.
+The testing kit (``funclora.testing``) is imported only when you import it.
 """
 
-from . import distributed, rules
-from .apply import LoRA
-from .config import LoraConfig
-from .errors import AdapterFileError, AdapterMismatchError, TargetNotFoundError, UnsupportedModuleError
+from . import distributed, io, rules
+from ._version import __version__
+from .core.config import LoraConfig
+from .core.lazy import MaterializationError, strict
+from .core.pytree import select, stack, unstack
+from .core.registry import register_rule, unregister_rule
+from .core.rules import Factor, ParameterRule, Rule
+from .core.suggest import LayerGroup, TargetSuggestion, suggest_targets
+from .core.targeting import Plan, Target
+from .errors import (AdapterFileError, AdapterMismatchError, RuleCheckError, TargetNotFoundError,
+                     UnsupportedModuleError)
 from .io import load_adapter, load_adapters, save_adapter
-from .lazy import MaterializationError, strict
-from .ops import select, stack, unstack
+from .lora import LoRA
 from .peft_compat import PeftModel, get_peft_model
-from .rules import Factor, ParameterRule, Rule, register_rule, unregister_rule
-from .suggest import LayerGroup, TargetSuggestion, suggest_targets
-from .targeting import Plan, Target
-from .testing import RuleCheckError
-
-__version__ = "0.1.0"
 
 __all__ = [
     "AdapterFileError",

@@ -24,9 +24,9 @@ import time
 import torch
 from torch import nn
 
-from .apply import LoRA
-from .config import LoraConfig
+from .core.config import LoraConfig
 from .io import load_adapter, save_adapter
+from .lora import LoRA
 
 __all__ = ["MLP", "make_data", "make_images", "main"]
 

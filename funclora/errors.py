@@ -6,7 +6,8 @@ found, and the fix.
 
 from __future__ import annotations
 
-__all__ = ["TargetNotFoundError", "UnsupportedModuleError", "AdapterMismatchError", "AdapterFileError"]
+__all__ = ["TargetNotFoundError", "UnsupportedModuleError", "AdapterMismatchError", "AdapterFileError",
+           "RuleCheckError"]
 
 
 class TargetNotFoundError(ValueError):
@@ -62,3 +63,24 @@ class AdapterFileError(ValueError):
         ...
         funclora.errors.AdapterFileError: load_adapter: ...
     """
+
+
+class RuleCheckError(ValueError):
+    """A rule broke one of :func:`check_rule`'s laws; ``law`` names it, the message says how.
+
+    Example:
+        >>> import torch, funclora as fl
+        >>> from funclora.testing import RuleCheckError, check_rule
+        >>> class NoScaling(fl.rules.LinearRule):    # forgets to multiply the update by `scaling`
+        ...     def delta(self, module, factors, scaling):
+        ...         return {"weight": factors["lora_B"] @ factors["lora_A"]}
+        >>> try:
+        ...     check_rule(lambda: torch.nn.Linear(4, 3), NoScaling())
+        ... except RuleCheckError as e:
+        ...     print(e.law)
+        well-formed
+    """
+
+    def __init__(self, law: str, subject: str, message: str):
+        super().__init__(f"check_rule: law {law!r} is broken for {subject}: {message}")
+        self.law = law

@@ -14,8 +14,9 @@ import os
 import torch
 from torch import nn
 
-from .apply import LoRA
-from .config import LoraConfig
+from .core.config import LoraConfig
+from .io import load_adapter, save_adapter
+from .lora import LoRA
 
 __all__ = ["PeftModel", "get_peft_model"]
 
@@ -127,8 +128,8 @@ class PeftModel(nn.Module):
 
     def forward(self, *args, **kwargs):
         if self._disabled:
-            return self.lora._shadower.build({}, training=self.training)(*args, **kwargs)
-        return self.lora._forward(None, self.adapter, args, kwargs, self.training)
+            return self.lora.bound.shadower.build({}, training=self.training)(*args, **kwargs)
+        return self.lora.run(None, self.adapter, args, kwargs, self.training)
 
     def generate(self, *args, **kwargs):
         """The base model's ``generate`` with the adapter applied at every step (PEFT's method).
@@ -140,7 +141,7 @@ class PeftModel(nn.Module):
             raise AttributeError(f"PeftModel.generate: the base model ({type(self._model).__name__}) has no "
                                  "`generate` method; call the façade itself for a forward pass.")
         if self._disabled:
-            bound = self.lora._shadower.build({}, training=self.training)
+            bound = self.lora.bound.shadower.build({}, training=self.training)
         else:
             bound = self.lora.bind(self.adapter, training=self.training)
         return bound.generate(*args, **kwargs)
@@ -211,8 +212,8 @@ class PeftModel(nn.Module):
         merged = self.lora.merge(self.adapter)
         new = copy.deepcopy(self._model)
         # tied groups that merge spelled out (an adapted embedding / lm_head) are untied in the
-        # copy, so the merged model equals the adapter's forward (see funclora.apply)
-        untie = {n for group in self.lora._tied_groups(merged).values()
+        # copy, so the merged model equals the adapter's forward (see funclora.lora)
+        untie = {n for group in self.lora.bound.tied_groups(merged).values()
                  if sum(n in merged for n in group) > 1 for n in group}
         for name, value in merged.items():
             if name in untie:
@@ -237,8 +238,6 @@ class PeftModel(nn.Module):
         ...     sorted(os.listdir(folder))
         ['adapter_config.json', 'adapter_model.safetensors']
         """
-        from .io import save_adapter
-
         save_adapter(path, _detached(self.adapter), lora=self.lora, adapter_name=self.adapter_name, **kwargs)
 
     @classmethod
@@ -260,8 +259,6 @@ class PeftModel(nn.Module):
         >>> torch.equal(loaded(x), peft_model(x)), loaded.targeted_module_names
         (True, ['0'])
         """
-        from .io import load_adapter
-
         subfolder = kwargs.pop("subfolder", None)  # PEFT's way to pick a named adapter's folder
         folder = os.path.join(path, subfolder) if subfolder else path
         adapter, loaded_config = load_adapter(folder, config=config, model=model, **kwargs)

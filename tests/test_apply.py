@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 import funclora as fl
+from funclora.core.forward import overlay as core_overlay
 from conftest import assert_unchanged, random_adapter, snapshot
 
 
@@ -232,7 +233,7 @@ def test_a_module_shared_under_two_paths_gets_its_lora_at_both_uses(grad):
     originals = dict(model.named_parameters(remove_duplicate=False))
     lora = fl.LoRA(model, fl.LoraConfig(target_modules=["a"], r=2))
     adapter, x = random_adapter(lora, scale=0.5), torch.randn(3, 6)
-    overlay = lora._overlay(adapter, None)
+    overlay = core_overlay(lora.bound, adapter, None)
     with torch.set_grad_enabled(grad):
         got = lora(adapter, x)
         by_torch = torch.func.functional_call(model, overlay, (x,), tie_weights=False, strict=False)
@@ -301,12 +302,12 @@ def test_eager_linear_shortcut_equals_the_lazy_weight_path(training):
     before = snapshot(model)
     lora = fl.LoRA(model, fl.LoraConfig(target_modules=["fc", "own", "custom", "head"], r=2, lora_dropout=0.3,
                                         bias="lora_only"))
-    assert list(lora._linear_views) == ["fc", "custom", "head"]
+    assert list(lora.bound.linear_views) == ["fc", "custom", "head"]
     adapter = {p: {k: v.requires_grad_() for k, v in leaves.items()} for p, leaves in random_adapter(lora, 0.5).items()}
     x = torch.randn(4, 5)
 
     def by_torch(a):
-        overlay = lora._overlay(a, None, detach=True)
+        overlay = core_overlay(lora.bound, a, None, detach=True)
         return torch.func.functional_call(model, overlay, (x,), tie_weights=False, strict=False)
 
     torch.manual_seed(1)

@@ -1,5 +1,5 @@
 """Re-entry: a checkpoint's recompute in backward and ``generate``'s many forwards see the call's
-adapter, because they run on the call's own view of the model (funclora/shadow.py)."""
+adapter, because they run on the call's own view of the model (funclora/core/shadow.py)."""
 
 import copy
 import warnings

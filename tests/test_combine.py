@@ -1,4 +1,4 @@
-"""``lora.combine``: mixing adapters with "linear", "cat" and "svd" (funclora/combine.py)."""
+"""``lora.combine``: mixing adapters with "linear", "cat" and "svd" (funclora/multi/combine.py)."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import funclora as fl
-from funclora.lazy import LoraParts, lora_weight
+from funclora.rules import LoraParts, lora_weight
 from funclora.rules import LinearRule, find_rule, supported_types
 from funclora.testing import check_rule, random_adapter
 

@@ -1,9 +1,9 @@
-"""funclora/default_targets.py: the default ``target_modules`` table equals PEFT's mapping."""
+"""funclora/core/default_targets.py: the default ``target_modules`` table equals PEFT's mapping."""
 
 import pytest
 import torch
 
-from funclora.default_targets import DEFAULT_TARGETS, default_targets
+from funclora.core.default_targets import DEFAULT_TARGETS, default_targets
 
 
 def _peft_mapping():

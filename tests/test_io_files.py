@@ -217,7 +217,7 @@ def test_failed_save_keeps_the_old_files(tmp_path, monkeypatch, name, at):
 
 
 def test_failed_write_in_a_new_folder_leaves_nothing(tmp_path, monkeypatch):
-    import funclora._io_files as fio
+    import funclora._files as fio
 
     _, lora = _model_and_lora()
 

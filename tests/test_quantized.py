@@ -1,5 +1,5 @@
 """Quantized bases. bitsandbytes ``Linear4bit`` (nf4 / fp4) and ``Linear8bitLt`` get the LoRA
-branch on their output (funclora/quantized.py), equal to PEFT's QLoRA; a quantized or packed
+branch on their output (funclora/core/quantized.py), equal to PEFT's QLoRA; a quantized or packed
 weight funclora has no rule for is refused at ``fl.LoRA(...)``, naming the layer and the fix
 (before, a ``Linear4bit`` target got uint8 factors and its forward silently ignored the adapter).
 """

@@ -1,4 +1,4 @@
-"""``lora.route``: example i of a batch uses adapter index[i] (funclora/route.py)."""
+"""``lora.route``: example i of a batch uses adapter index[i] (funclora/multi/route.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import funclora as fl
-import funclora.route as route_module
+import funclora.multi.route as route_module
+import funclora.multi.routed_weight as weight_module
 from funclora.demo import MLP
 
 SETTINGS = settings(max_examples=15, deadline=None, derandomize=True)
@@ -49,12 +50,12 @@ def _per_example(lora, adapters, index, *inputs, **kwargs):
 def _branch(kind):
     """Force the strategies: "gathered" (A[index], B[index], bmm; saved modules once per distinct
     adapter) or "dense" (one matmul over all adapters, the others' part zeroed)."""
-    saved = route_module._DENSE_MAX, route_module._DENSE_SAVED_MACS
-    route_module._DENSE_MAX = route_module._DENSE_SAVED_MACS = -1 if kind == "gathered" else 10**12
+    saved = weight_module._DENSE_MAX, route_module._DENSE_SAVED_MACS
+    weight_module._DENSE_MAX = route_module._DENSE_SAVED_MACS = -1 if kind == "gathered" else 10**12
     try:
         yield
     finally:
-        route_module._DENSE_MAX, route_module._DENSE_SAVED_MACS = saved
+        weight_module._DENSE_MAX, route_module._DENSE_SAVED_MACS = saved
 
 
 def _close(a, b, tol=1e-5):

@@ -1,5 +1,5 @@
 """One base model shared by many threads: every call sees exactly its own adapter, the model never
-changes, not even for an instant during a call (DESIGN.md invariant 1; funclora/shadow.py)."""
+changes, not even for an instant during a call (DESIGN.md invariant 1; funclora/core/shadow.py)."""
 
 import functools
 import threading
@@ -110,12 +110,12 @@ def test_training_mode_threads_keep_their_own_flags_and_buffers():
     lora = fl.LoRA(model, fl.LoraConfig(target_modules=["0", "2"], r=2))
     adapter = random_adapter(lora, 0.5)
     x = torch.randn(16, 6)
-    want_train, want_eval = lora._forward(None, adapter, (x,), {}, True), lora(adapter, x)
+    want_train, want_eval = lora.run(None, adapter, (x,), {}, True), lora(adapter, x)
     assert not _same(want_train, want_eval)
     before = snapshot(model)
     with torch.no_grad():
         wrong = _run_threads({
-            "train": lambda: _same(lora._forward(None, adapter, (x,), {}, True), want_train),
+            "train": lambda: _same(lora.run(None, adapter, (x,), {}, True), want_train),
             "eval": lambda: _same(lora(adapter, x), want_eval),
             "façade train": lambda: _same(fl.PeftModel(model, lora.config, adapter).train()(x), want_train),
         }, rounds=30)

@@ -13,8 +13,8 @@ from conftest import assert_unchanged, snapshot
 from tiny_transformers import NAMES, build, peft_default_targets, peft_model
 
 import funclora as fl
-from funclora import suggest
-from funclora.targeting import _is_linear
+from funclora.core import suggest
+from funclora.core._kinds import is_linear as _is_linear
 
 IN_PEFT_TABLE = [n for n in NAMES if peft_default_targets(n) is not None]
 

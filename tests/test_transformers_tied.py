@@ -1,7 +1,7 @@
 """Tied weights (input embedding ↔ lm_head sharing one Parameter): an adapter on one never leaks
 into the other, as in PEFT; merge / unmerge / explicit params dicts on tied models.
 
-See the module docstring of funclora/apply.py for the rules these tests pin.
+See the module docstring of funclora/lora.py for the rules these tests pin.
 """
 
 import pytest

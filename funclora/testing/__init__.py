@@ -6,7 +6,10 @@
   for hypothesis tests (needs ``hypothesis``, imported only when a strategy is called).
 """
 
-from .laws import LAWS, RuleCheckError, RuleReport, check_rule, default_inputs, random_adapter
+from ..errors import RuleCheckError
+from .check import RuleReport, check_rule
+from .inputs import default_inputs, random_adapter
+from .laws import LAWS
 from .strategies import (Experts, ModelCase, ModuleCase, adapters, conv_cases, embedding_cases, expert_cases,
                          linear_cases, lora_configs, mha_cases, model_cases, module_cases, parameter_cases,
                          rnn_cases)

@@ -1,7 +1,7 @@
-"""``check_rule``: run the laws every LoRA rule must keep on a rule, report the first broken one.
+"""The laws every LoRA rule must keep, and how each is checked on one module.
 
-:func:`check_rule` runs a rule on one module and raises :class:`RuleCheckError` naming the first
-broken law, in words:
+:func:`~funclora.testing.check_rule` runs them on a rule applied to one module and raises
+:class:`~funclora.RuleCheckError` naming the first broken law, in words:
 
 =====================================  ======================================================
 law                                    what it means
@@ -32,20 +32,17 @@ import copy
 import importlib
 import math
 import tempfile
-from collections.abc import Iterable
-from dataclasses import dataclass, field
 
 import optree
 import torch
-from torch import nn
 
-from ..apply import LoRA
-from ..config import LoraConfig
-from ..errors import UnsupportedModuleError
-from ..ops import stack
-from ..rules import Factor, ParameterRule, Rule, as_rule, find_rule
+from ..core.pytree import stack
+from ..core.rules import Factor
+from ..errors import RuleCheckError
+from ..lora import LoRA
+from .inputs import random_adapter
 
-__all__ = ["LAWS", "RuleCheckError", "RuleReport", "check_rule", "default_inputs", "random_adapter"]
+__all__ = ["LAWS", "LawRun", "snapshot"]
 
 LAWS = (
     "well-formed",
@@ -61,161 +58,7 @@ LAWS = (
 _ROLES = ("A", "B", "embedding_A", "embedding_B")
 
 
-class RuleCheckError(ValueError):
-    """A rule broke one of :func:`check_rule`'s laws; ``law`` names it, the message says how.
-
-    Example:
-        >>> import torch, funclora as fl
-        >>> from funclora.testing import RuleCheckError, check_rule
-        >>> class NoScaling(fl.rules.LinearRule):    # forgets to multiply the update by `scaling`
-        ...     def delta(self, module, factors, scaling):
-        ...         return {"weight": factors["lora_B"] @ factors["lora_A"]}
-        >>> try:
-        ...     check_rule(lambda: torch.nn.Linear(4, 3), NoScaling())
-        ... except RuleCheckError as e:
-        ...     print(e.law)
-        well-formed
-    """
-
-    def __init__(self, law: str, subject: str, message: str):
-        super().__init__(f"check_rule: law {law!r} is broken for {subject}: {message}")
-        self.law = law
-
-
-@dataclass
-class RuleReport:
-    """What :func:`check_rule` checked: ``checked`` laws held, ``skipped`` maps law → reason.
-
-    Example:
-        >>> import torch
-        >>> from funclora.testing import check_rule
-        >>> report = check_rule(lambda: torch.nn.Linear(4, 3))
-        >>> report.rule, len(report.checked), report.skipped
-        ('LinearRule()', 8, {})
-    """
-
-    module: str
-    rule: str
-    checked: list[str] = field(default_factory=list)
-    skipped: dict[str, str] = field(default_factory=dict)
-
-    def __str__(self):
-        lines = [f"check_rule: {self.rule} on {self.module}"]
-        lines += [f"  ok       {law}" for law in self.checked]
-        lines += [f"  skipped  {law}: {why}" for law, why in self.skipped.items()]
-        return "\n".join(lines)
-
-
-class _Host(nn.Module):
-    """Holds the module under test as ``layer`` so that it has a path LoRA can target."""
-
-    def __init__(self, layer: nn.Module):
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, *args, **kwargs):
-        return self.layer(*args, **kwargs)
-
-
-def check_rule(module_factory, rule: Rule | type | None = None, *, inputs=None, r: int = 4,
-               seed: int = 0, atol: float = 1e-5, rtol: float = 1e-4,
-               laws: Iterable[str] | None = None) -> RuleReport:
-    """Run the laws every LoRA rule must keep on ``rule`` applied to one module.
-
-    Args:
-        module_factory: a callable returning a fresh module (called once, under
-            ``torch.manual_seed(seed)``), or a module (deep-copied; yours is never changed).
-        rule: the rule to check (a :class:`~funclora.Rule` or a Rule subclass). ``None``: the rule
-            funclora would pick for this module type. A plain ``ParameterRule("weight_ih_l0")``
-            is checked through ``target_parameters``.
-        inputs: positional arguments of the module's forward: a tensor, a tuple, or a callable
-            ``module -> tuple``. ``None`` guesses them for nn.Linear / Conv / Embedding /
-            MultiheadAttention / LSTM / GRU / RNN and transformers Conv1D.
-        r: the rank (with ``lora_alpha = 2·r``, so the scaling is 2).
-        atol, rtol: outputs agree when ``max|a − b| ≤ atol + rtol·max|b|``.
-        laws: check only these (names in :data:`LAWS`); default all.
-
-    Returns:
-        A :class:`RuleReport` with the laws checked and those skipped (with the reason).
-
-    Raises:
-        RuleCheckError: the first broken law, its name in ``.law``, what went wrong in words.
-        UnsupportedModuleError: the rule's ``check`` refuses this module (e.g. ``r`` not
-            divisible by a conv's ``groups``), or no rule exists for it and ``rule`` is None.
-
-    Example:
-        >>> import torch, funclora as fl
-        >>> from funclora.testing import check_rule
-        >>> report = check_rule(lambda: torch.nn.Linear(4, 3))
-        >>> "merge equals apply" in report.checked
-        True
-    """
-    wanted = tuple(LAWS if laws is None else laws)
-    unknown = [law for law in wanted if law not in LAWS]
-    if unknown:
-        raise ValueError(f"check_rule: unknown law(s) {unknown}; the laws are {list(LAWS)}.")
-    module = _build(module_factory, seed)
-    module.eval()  # dropout inside the module would make outputs random
-    if rule is None:
-        rule = find_rule(module)
-        if rule is None:
-            raise UnsupportedModuleError(
-                f"check_rule: {type(module).__name__} has no LoRA rule; pass the rule to check "
-                "(check_rule(factory, MyRule()))."
-            )
-    else:
-        rule = as_rule(rule, type(module))
-    subject = f"{rule!r} on {type(module).__name__}"
-    if type(rule) is ParameterRule and rule.name not in dict(module.named_parameters(recurse=False)):
-        own = [n for n, _ in module.named_parameters(recurse=False)]
-        raise ValueError(f"check_rule: {subject}: the module has no parameter {rule.name!r}; its own "
-                         f"parameters are {own}.")
-    args = _inputs(module, inputs, seed)
-    host = _Host(module)
-    config = _config(module, rule, r)
-    before = _snapshot(host)
-    try:
-        lora = LoRA(host, config)
-    except UnsupportedModuleError:
-        raise
-    except Exception as e:
-        raise RuleCheckError("well-formed", subject, f"building the LoRA failed: {type(e).__name__}: {e}") from e
-    key = next(iter(lora.plan.targets))
-    target = lora.plan.targets[key]
-    run = _Run(host, lora, target, args, subject, seed, atol, rtol)
-    run.static()  # the other laws need a well-formed rule
-    run.adapter = random_adapter(lora, seed=seed)
-    report = RuleReport(module=type(module).__name__, rule=repr(rule))
-    for law in LAWS:
-        if law not in wanted:
-            continue
-        if law == "module unchanged":
-            run.exercise()
-            run.unchanged(before)
-            report.checked.append(law)
-            continue
-        why = getattr(run, _METHODS[law])()
-        if why:
-            report.skipped[law] = why
-        else:
-            report.checked.append(law)
-    if "module unchanged" in wanted:
-        run.unchanged(before)
-    return report
-
-
-_METHODS = {
-    "well-formed": "well_formed",
-    "fresh adapter is a no-op": "fresh_is_noop",
-    "adapter changes the output": "changes_output",
-    "merge equals apply": "merge_equals_apply",
-    "gradients reach only the adapter": "gradients",
-    "vmap over a stack equals the loop": "vmap_equals_loop",
-    "save/load round-trips": "save_load",
-}
-
-
-class _Run:
+class LawRun:
     """The state shared by the laws of one :func:`check_rule` call."""
 
     def __init__(self, host, lora, target, args, subject, seed, atol, rtol):
@@ -310,7 +153,7 @@ class _Run:
                 pass
 
     def unchanged(self, before):
-        after = _snapshot(self.host)
+        after = snapshot(self.host)
         for what in ("tree", "modes", "hooks", "ids", "requires_grad"):
             if before[what] != after[what]:
                 self.fail("module unchanged", f"the module's {what} changed while running LoRA: "
@@ -457,124 +300,13 @@ class _Run:
         if _leaf_names(loaded) != _leaf_names(self.adapter):
             self.fail(law, f"the loaded adapter has leaves {_leaf_names(loaded)}, saved were "
                            f"{_leaf_names(self.adapter)}; check file_key().")
-        for (path, leaf), t in _flat(self.adapter).items():
+        for (path, leaf), t in _leaves_by_key(self.adapter).items():
             if not torch.equal(t, loaded[path][leaf]):
                 self.fail(law, f"leaf {leaf!r} changed in the save → load round trip; check file_key().")
         return None
 
 
 # --- helpers ----------------------------------------------------------------------------------
-def _build(module_factory, seed: int) -> nn.Module:
-    if isinstance(module_factory, nn.Module):
-        return copy.deepcopy(module_factory)
-    if not callable(module_factory):
-        raise TypeError(f"check_rule: `module_factory` must be a callable returning an nn.Module (or a "
-                        f"module), got {type(module_factory).__name__}.")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        module = module_factory()
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"check_rule: `module_factory()` must return an nn.Module, got {type(module).__name__}.")
-    return module
-
-
-def _config(module: nn.Module, rule: Rule, r: int) -> LoraConfig:
-    if type(rule) is ParameterRule:
-        return LoraConfig(target_parameters=[f"layer.{rule.name}"], r=r, lora_alpha=2 * r)
-    config = LoraConfig(target_modules=["layer"], r=r, lora_alpha=2 * r)
-    config.register_custom_module({type(module): rule})
-    return config
-
-
-def _inputs(module, inputs, seed):
-    if inputs is None:
-        return default_inputs(module, torch.Generator().manual_seed(seed))
-    if callable(inputs) and not isinstance(inputs, torch.Tensor):
-        inputs = inputs(module)
-    return (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
-
-
-def default_inputs(module: nn.Module, generator: torch.Generator | None = None) -> tuple:
-    """Example forward arguments for the built-in module types and LSTM / GRU / RNN, or the
-    module's own ``example_inputs(generator)`` (a tuple) when it has one.
-
-    Example:
-        >>> import torch
-        >>> from funclora.testing import default_inputs
-        >>> [tuple(x.shape) for x in default_inputs(torch.nn.Linear(4, 3))]
-        [(3, 4)]
-    """
-    g = generator
-    dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
-
-    def randn(*shape):
-        return torch.randn(shape, generator=g).to(dtype)
-
-    if isinstance(module, nn.Linear):
-        return (randn(3, module.in_features),)
-    if isinstance(module, nn.Embedding):
-        return (_ids(module, g),)
-    if isinstance(module, nn.modules.conv._ConvNd) and not module.transposed:
-        pads = module.padding if isinstance(module.padding, tuple) else (0,) * len(module.kernel_size)
-        sizes = [d * (k - 1) + 1 + s + p + 1 for k, s, d, p in
-                 zip(module.kernel_size, module.stride, module.dilation, pads)]
-        return (randn(2, module.in_channels, *sizes),)
-    if isinstance(module, nn.MultiheadAttention):
-        shape = (2, 5) if module.batch_first else (5, 2)
-        return (randn(*shape, module.embed_dim), randn(*shape, module.kdim), randn(*shape, module.vdim))
-    if isinstance(module, nn.RNNBase):
-        return (randn(3, 5, module.input_size),)
-    if any(c.__name__ == "Conv1D" and c.__module__.startswith("transformers") for c in type(module).__mro__):
-        return (randn(2, 3, module.weight.shape[0]),)
-    if callable(getattr(module, "example_inputs", None)):
-        return tuple(module.example_inputs(g))
-    raise TypeError(f"check_rule: cannot guess the inputs of a {type(module).__name__}; pass "
-                    "inputs=(tensor, ...) or inputs=lambda module: (...), or give the module an "
-                    "example_inputs(generator) method.")
-
-
-def _ids(module: nn.Embedding, g) -> torch.Tensor:
-    """Token ids ``(2, 6)`` that avoid ``padding_idx``: there the factored lookup (as PEFT's) still
-    gives ``lora_embedding_B`` a gradient, the merged weight does not (both are zero while
-    ``lora_embedding_A``'s padding column is zero, as it is at init)."""
-    ids = torch.randint(0, module.num_embeddings, (2, 6), generator=g)
-    if module.padding_idx is not None and module.num_embeddings > 1:
-        pad = module.padding_idx % module.num_embeddings
-        ids = torch.where(ids == pad, (pad + 1) % module.num_embeddings, ids)
-    return ids
-
-
-def random_adapter(lora: LoRA, *, seed: int = 0, scale: float = 1.0) -> dict:
-    """An adapter of ``lora``'s shapes with every leaf random and non-zero.
-
-    Each leaf is N(0, 1) divided by the square root of its fan (the product of all but its
-    first size), times ``scale``, so that ``s·ΔW`` is of the order of the weights.
-
-    Example:
-        >>> import torch, funclora as fl
-        >>> from funclora.testing import random_adapter
-        >>> lora = fl.LoRA(torch.nn.Sequential(torch.nn.Linear(4, 3)), fl.LoraConfig(target_modules=["0"], r=2))
-        >>> adapter = random_adapter(lora, seed=1)
-        >>> tuple(adapter["0"]["lora_B"].shape), bool(adapter["0"]["lora_B"].abs().min() > 0)
-        ((3, 2), True)
-    """
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for path, leaves in lora.shapes().items():
-        dtype = _leaf_dtype(lora, path)
-        out[path] = {leaf: (scale * torch.randn(shape, generator=g) / math.sqrt(max(1, math.prod(shape[1:]))))
-                     .to(dtype) for leaf, shape in leaves.items()}
-    return out
-
-
-def _leaf_dtype(lora, path):
-    t = lora.plan.targets.get(path)
-    if t is None:
-        return torch.float32
-    w = t.module.get_parameter(t.rule.updated_parameters(t.module)[0])
-    return torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
-
-
 def _module_cannot_vmap(host, target, args) -> str | None:
     """Why the module itself cannot be vmapped over stacked weights, or None if it can."""
     names = [f"{target.module_path}.{n}" for n in target.rule.updated_parameters(target.module)]
@@ -586,7 +318,7 @@ def _module_cannot_vmap(host, target, args) -> str | None:
     return None
 
 
-def _snapshot(module):
+def snapshot(module):
     return {
         "tree": [(n, type(m).__name__) for n, m in module.named_modules()],
         "modes": {n: m.training for n, m in module.named_modules()},
@@ -603,7 +335,7 @@ def _tensors(tree) -> list[torch.Tensor]:
     return [t for t in optree.tree_leaves(tree, none_is_leaf=False) if isinstance(t, torch.Tensor)]
 
 
-def _flat(adapter):
+def _leaves_by_key(adapter):
     return {(p, leaf): t for p, leaves in adapter.items() for leaf, t in leaves.items()}
 
 

@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..apply import LoRA
-from ..config import LoraConfig
-from ..rules import ParameterRule, Rule
-from .laws import default_inputs, random_adapter
+from ..core.config import LoraConfig
+from ..core.rules import ParameterRule, Rule
+from ..lora import LoRA
+from .inputs import default_inputs, random_adapter
 
 __all__ = ["ModuleCase", "ModelCase", "Experts", "conv_cases", "linear_cases", "embedding_cases", "mha_cases",
            "rnn_cases", "expert_cases", "parameter_cases", "module_cases", "model_cases", "lora_configs",

@@ -38,16 +38,15 @@ from typing import NamedTuple
 
 import torch
 
-from .config import LoraConfig
-from .errors import AdapterMismatchError
-from .ops import unstack
-from .rules import (Conv1DRule, ConvRule, EmbeddingRule, LinearRule, MultiheadAttentionRule,
-                    ParameterRule)
+from ..core.config import LoraConfig
+from ..core.pytree import unstack
+from ..core.registry import builtin_kind
+from ..core.rules import ConvRule, MultiheadAttentionRule, ParameterRule
+from ..errors import AdapterMismatchError
 
 __all__ = ["combine", "Combined", "METHODS"]
 
 METHODS = ("linear", "cat", "svd")
-_KNOWN = (LinearRule, Conv1DRule, EmbeddingRule, ConvRule, MultiheadAttentionRule, ParameterRule)
 
 
 class Combined(NamedTuple):
@@ -61,20 +60,10 @@ class Combined(NamedTuple):
 
 
 # --- which leaves form a product B@A -------------------------------------------------------------
-def _builtin(rule):
-    """The built-in rule class ``rule`` is (or subclasses without changing ``delta``), else None."""
-    kind = type(rule)
-    for cls in kind.__mro__:
-        if cls in _KNOWN:
-            same = kind.delta is cls.delta and getattr(kind, "_parts", None) is getattr(cls, "_parts", None)
-            return cls if same else None
-    return None
-
-
 def _pairs(target) -> list[tuple[str, str, int]]:
     """``[(A leaf, B leaf, experts)]`` of a target whose update is ``s·B@A`` (per expert)."""
     rule, module, path = target.rule, target.module, target.path
-    kind = _builtin(rule)
+    kind = builtin_kind(rule)
     if kind is None:
         raise NotImplementedError(
             f"LoRA.combine: target {path!r} uses the rule {rule!r}, whose update is not known to be B@A; "
@@ -92,7 +81,7 @@ def _pairs(target) -> list[tuple[str, str, int]]:
     return [(*rule.names, 1)]
 
 
-def _flat(A: torch.Tensor, B: torch.Tensor, experts: int, r: int):
+def _expert_stack(A: torch.Tensor, B: torch.Tensor, experts: int, r: int):
     """``A`` → ``(E, r, m)``, ``B`` → ``(E, n, r)`` so that ``ΔW_e ∝ B_e @ A_e``."""
     if experts == 1:
         return A.reshape(1, r, -1), B.reshape(1, B.shape[0], r)
@@ -100,7 +89,7 @@ def _flat(A: torch.Tensor, B: torch.Tensor, experts: int, r: int):
 
 
 def _unflat(a: torch.Tensor, b: torch.Tensor, A: torch.Tensor, B: torch.Tensor, experts: int, k: int):
-    """Inverse of :func:`_flat` with the rank changed to ``k`` (shapes taken from ``A``, ``B``)."""
+    """Inverse of :func:`_expert_stack` with the rank changed to ``k`` (shapes taken from ``A``, ``B``)."""
     if experts == 1:
         return a[0].reshape(k, *A.shape[1:]), b[0].reshape(B.shape[0], k, *B.shape[2:])
     return a.reshape(experts * k, A.shape[-1]), b.permute(1, 2, 0).reshape(B.shape[0], k * experts)
@@ -128,7 +117,7 @@ def _mix_pair(As, Bs, c: list[float], method: str, experts: int, r: int, k: int)
     """New ``(A, B)`` for one product; ``As``/``Bs`` are the n adapters' leaves, ``c_i = w_i·s``."""
     dtype = As[0].dtype
     work = torch.float64 if dtype == torch.float64 else torch.float32
-    flats = [_flat(A.to(work), B.to(work), experts, r) for A, B in zip(As, Bs)]
+    flats = [_expert_stack(A.to(work), B.to(work), experts, r) for A, B in zip(As, Bs)]
     if method == "linear":
         a = sum(math.copysign(math.sqrt(abs(ci)), ci) * fa for ci, (fa, _) in zip(c, flats))
         b = sum(math.sqrt(abs(ci)) * fb for ci, (_, fb) in zip(c, flats))
@@ -153,10 +142,10 @@ def _new_config(config: LoraConfig, ranks: dict[str, int], default: int) -> Lora
 
 
 # --- combine -------------------------------------------------------------------------------------
-def _as_list(lora, adapters) -> list[dict]:
+def _as_list(bound, adapters) -> list[dict]:
     if isinstance(adapters, dict):                          # a stacked adapter
         try:
-            lora.check(adapters, batched=1)
+            bound.check(adapters, batched=1)
         except AdapterMismatchError as e:
             raise AdapterMismatchError(f"LoRA.combine: `adapters` is a dict but not a stacked adapter of "
                                        f"this LoRA: {e} Pass a list of adapters or fl.stack([...]).") from None
@@ -167,7 +156,7 @@ def _as_list(lora, adapters) -> list[dict]:
     adapters = list(adapters)
     for i, a in enumerate(adapters):
         try:
-            lora.check(a)
+            bound.check(a)
         except AdapterMismatchError as e:
             raise AdapterMismatchError(f"LoRA.combine: adapters[{i}] does not fit this LoRA: {e}") from None
     return adapters
@@ -187,11 +176,11 @@ def _as_weights(weights, n: int) -> list[float]:
     return values
 
 
-def combine(lora, adapters, weights, *, method: str = "svd", rank: int | None = None) -> Combined:
-    """Mix ``adapters`` (of ``lora``) with ``weights`` into one adapter and its config.
+def combine(bound, adapters, weights, *, method: str = "svd", rank: int | None = None) -> Combined:
+    """Mix ``adapters`` (of one LoRA) with ``weights`` into one adapter and its config.
 
     Args:
-        lora: the :class:`~funclora.LoRA` all adapters belong to.
+        bound: the :class:`~funclora.core.bound.Bound` of the LoRA all adapters belong to.
         adapters: a list of ``n ≥ 1`` adapters, or a stacked adapter (leading axis ``n``).
         weights: ``n`` numbers (negative allowed: subtracting a task).
         method: ``"linear"``, ``"cat"`` or ``"svd"`` (see the module docstring).
@@ -219,7 +208,7 @@ def combine(lora, adapters, weights, *, method: str = "svd", rank: int | None = 
     if rank is not None and (method != "svd" or not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0):
         raise ValueError(f"LoRA.combine: `rank` is the new rank for method='svd' (a positive int); got "
                          f"rank={rank!r} with method={method!r}.")
-    adapters = _as_list(lora, adapters)
+    adapters = _as_list(bound, adapters)
     if not adapters:
         raise ValueError("LoRA.combine: got no adapters; pass at least one.")
     w = _as_weights(weights, len(adapters))
@@ -227,7 +216,7 @@ def combine(lora, adapters, weights, *, method: str = "svd", rank: int | None = 
 
     new: dict[str, dict[str, torch.Tensor]] = {}
     ranks: dict[str, int] = {}
-    for path, t in lora.plan.targets.items():
+    for path, t in bound.plan.targets.items():
         k = {"linear": t.r, "cat": n * t.r, "svd": rank or t.r}[method]
         c = [wi * t.scaling for wi in w]
         leaves = {}
@@ -236,13 +225,13 @@ def combine(lora, adapters, weights, *, method: str = "svd", rank: int | None = 
                 [ad[path][a_leaf] for ad in adapters], [ad[path][b_leaf] for ad in adapters], c, method, experts, t.r, k)
         new[path] = leaves
         ranks[path] = k
-    model = lora.model
-    dense = [(p, name) for p, names in lora.plan.saved.items() for name in names]
-    dense += [(p, "bias") for p in lora.plan.biases]
+    model = bound.model
+    dense = [(p, name) for p, names in bound.plan.saved.items() for name in names]
+    dense += [(p, "bias") for p in bound.plan.biases]
     for path, name in dense:
         base = model.get_parameter(f"{path}.{name}").detach()
         value = base + sum(wi * (ad[path][name] - base) for wi, ad in zip(w, adapters))
         new.setdefault(path, {})[name] = value.to(adapters[0][path][name].dtype)
-    default = {"linear": lora.config.r, "cat": n * lora.config.r, "svd": rank or lora.config.r}[method]
+    default = {"linear": bound.config.r, "cat": n * bound.config.r, "svd": rank or bound.config.r}[method]
     adapter = {p: new[p] for p in adapters[0]}
-    return Combined(adapter, _new_config(lora.config, ranks, default))
+    return Combined(adapter, _new_config(bound.config, ranks, default))

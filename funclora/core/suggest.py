@@ -36,6 +36,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ._kinds import is_linear, is_pretrained, name_match
+
 __all__ = ["LayerGroup", "TargetSuggestion", "suggest_targets"]
 
 ROLES = ("q", "k", "v", "qkv", "o", "mlp", "head", "other")
@@ -217,14 +219,12 @@ def suggest_targets(model: nn.Module) -> TargetSuggestion:
         >>> s.mlp, s.head, s.target_modules
         (['ffn.0', 'ffn.1'], ['lm_head'], ['wq', 'wv'])
     """
-    from .targeting import _is_linear, _is_pretrained
-
     names = tuple(n for n, _ in model.named_modules() if n)
     mha = [n for n, m in model.named_modules() if n and isinstance(m, nn.MultiheadAttention)]
     linear = [(n, m) for n, m in model.named_modules() if n and (
-        isinstance(m, nn.MultiheadAttention) or _is_linear(m) and not any(n.startswith(a + ".") for a in mha))]
+        isinstance(m, nn.MultiheadAttention) or is_linear(m) and not any(n.startswith(a + ".") for a in mha))]
     head_ids = set()
-    if _is_pretrained(model):
+    if is_pretrained(model):
         try:
             head = model.get_output_embeddings()
         except (AttributeError, NotImplementedError):
@@ -283,8 +283,8 @@ def _assign_roles(linear, head_ids) -> list[str]:
 
 
 # --- entries ----------------------------------------------------------------------------------
-def _matches(entry: str, names) -> set[str]:
-    return {n for n in names if n == entry or n.endswith("." + entry)}
+def _names_matching(entry: str, names) -> set[str]:
+    return {n for n in names if name_match(n, [entry])}
 
 
 def _local(path: str) -> list[str]:
@@ -310,7 +310,7 @@ def _group(role: str, members, names) -> list[LayerGroup]:
         words = [i for i, part in enumerate(local) if not part.isdigit()]
         for i in range(words[-1] if words else -1, -1, -1):  # 'ff.2' rather than a bare '2'
             entry = ".".join(local[i:])
-            hit = _matches(entry, names)
+            hit = _names_matching(entry, names)
             if path in hit and hit <= allowed:
                 for p in hit:
                     entry_of.setdefault(p, (entry, False))

@@ -20,7 +20,6 @@ import warnings
 
 import torch
 
-from .config import LoraConfig
 from .errors import AdapterFileError
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -196,8 +195,8 @@ def adapter_folder(path, adapter_name, fn: str) -> str:
     return folder
 
 
-def read_config_file(folder: str, fn: str) -> LoraConfig:
-    file = os.path.join(folder, CONFIG_NAME)
+def read_json(file: str, fn: str) -> dict:
+    """The JSON object in ``file`` (an ``adapter_config.json``); errors name the file and the fix."""
     if not os.path.isfile(file):
         raise FileNotFoundError(f"{fn}: {file!r} is missing; an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}.")
     try:
@@ -210,13 +209,7 @@ def read_config_file(folder: str, fn: str) -> LoraConfig:
                                "config.to_json_string().") from None
     if not isinstance(data, dict):
         raise AdapterFileError(f"{fn}: {file!r} must hold a JSON object, found {type(data).__name__}.")
-    if data.get("peft_type", "LORA") not in ("LORA", None):
-        raise AdapterFileError(f"{fn}: {file!r} is a {data['peft_type']!r} adapter; funclora reads LoRA adapters "
-                               "only (peft_type 'LORA').")
-    try:
-        return LoraConfig.from_dict(data, source=file)
-    except (ValueError, TypeError) as e:
-        raise AdapterFileError(f"{fn}: {file!r} holds a config funclora cannot use: {e}") from None
+    return data
 
 
 def read_header(file: str, fn: str) -> tuple[dict, int]:
@@ -235,6 +228,21 @@ def read_header(file: str, fn: str) -> tuple[dict, int]:
     def bad(what):
         return AdapterFileError(f"{fn}: {file!r} is not a valid safetensors file: {what}. Save it again.")
 
+    header, n = _raw_header(file, size, bad)
+    spans = [_entry_span(name, info, bad) for name, info in header.items() if name != "__metadata__"]
+    end = 0
+    for begin, stop, name in sorted(spans):
+        if begin != end:
+            raise bad(f"{name!r} starts at byte {begin} of the data, expected {end}")
+        end = stop
+    if 8 + n + end != size:
+        raise bad(f"the tensors need {8 + n + end} bytes but the file has {size} "
+                  f"({'truncated' if size < 8 + n + end else 'trailing bytes'})")
+    return header, 8 + n
+
+
+def _raw_header(file: str, size: int, bad) -> tuple[dict, int]:
+    """``(header JSON object, its length n)``: the 8-byte length, then n bytes of JSON."""
     if size == 0:
         raise bad("the file is empty")
     with open(file, "rb") as f:
@@ -254,36 +262,28 @@ def read_header(file: str, fn: str) -> tuple[dict, int]:
     meta = header.get("__metadata__", {})
     if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
         raise bad("__metadata__ must map strings to strings")
-    spans = []
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
-            raise bad(f"the entry {name!r} needs exactly dtype, shape and data_offsets")
-        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if dtype not in _DTYPE_SIZES:
-            raise bad(f"{name!r} has dtype {dtype!r}; adapters use one of {sorted(_DTYPE_SIZES)}")
-        if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
-            raise bad(f"{name!r} has shape {shape!r}")
-        if (not isinstance(offsets, list) or len(offsets) != 2
-                or not all(type(o) is int and o >= 0 for o in offsets) or offsets[0] > offsets[1]):
-            raise bad(f"{name!r} has data_offsets {offsets!r}")
-        numel = 1
-        for s in shape:
-            numel *= s
-        if offsets[1] - offsets[0] != numel * _DTYPE_SIZES[dtype]:
-            raise bad(f"{name!r} has {offsets[1] - offsets[0]} bytes of data but shape {shape} {dtype} needs "
-                      f"{numel * _DTYPE_SIZES[dtype]}")
-        spans.append((offsets[0], offsets[1], name))
-    end = 0
-    for begin, stop, name in sorted(spans):
-        if begin != end:
-            raise bad(f"{name!r} starts at byte {begin} of the data, expected {end}")
-        end = stop
-    if 8 + n + end != size:
-        raise bad(f"the tensors need {8 + n + end} bytes but the file has {size} "
-                  f"({'truncated' if size < 8 + n + end else 'trailing bytes'})")
-    return header, 8 + n
+    return header, n
+
+
+def _entry_span(name: str, info, bad) -> tuple[int, int, str]:
+    """``(begin, end, name)`` of one header entry, after checking its dtype, shape and byte count."""
+    if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+        raise bad(f"the entry {name!r} needs exactly dtype, shape and data_offsets")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if dtype not in _DTYPE_SIZES:
+        raise bad(f"{name!r} has dtype {dtype!r}; adapters use one of {sorted(_DTYPE_SIZES)}")
+    if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
+        raise bad(f"{name!r} has shape {shape!r}")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(type(o) is int and o >= 0 for o in offsets) or offsets[0] > offsets[1]):
+        raise bad(f"{name!r} has data_offsets {offsets!r}")
+    numel = 1
+    for s in shape:
+        numel *= s
+    if offsets[1] - offsets[0] != numel * _DTYPE_SIZES[dtype]:
+        raise bad(f"{name!r} has {offsets[1] - offsets[0]} bytes of data but shape {shape} {dtype} needs "
+                  f"{numel * _DTYPE_SIZES[dtype]}")
+    return offsets[0], offsets[1], name
 
 
 def read_weights(folder: str, fn: str) -> tuple[dict[str, torch.Tensor], dict]:

@@ -8,7 +8,7 @@ that ``F.linear`` dispatches on; either way there is no dense ``W`` to put a laz
 
     y = layer(x) + (s · B(A(drop(x.to(A.dtype))))).to(y.dtype)
 
-The call's view of the layer (funclora/shadow.py) is an instance of :func:`output_view` of its
+The call's view of the layer (funclora/core/shadow.py) is an instance of :func:`output_view` of its
 class, so the user's layer stays untouched and no dequantized copy of its weight is made.
 Factors are float32 by default (PEFT's too); the branch runs in the factors' dtype.
 
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .lazy import LoraParts, _add_product, _lora_a
-from .rules import _BUILTIN, Factor, LinearRule, Rule
+from .rules import Factor, LinearRule, Rule
 
 __all__ = ["OutputRule", "output_view"]
 
@@ -43,7 +43,7 @@ class OutputRule(Rule):
 
     Example:
         >>> import torch
-        >>> from funclora.quantized import OutputRule
+        >>> from funclora.core.quantized import OutputRule
         >>> OutputRule().factors(torch.nn.Linear(4, 3), 2)["lora_B"].shape
         (3, 2)
     """
@@ -73,7 +73,7 @@ class OutputRule(Rule):
 def output_view(cls: type) -> type:
     """The class of a call's view of a ``cls`` layer: its own forward, plus the LoRA branch.
 
-    The view's ``_view_state`` is the :class:`~funclora.lazy.LoraParts` (``base`` unused).
+    The view's ``_view_state`` is the :class:`~funclora.core.lazy.LoraParts` (``base`` unused).
     """
     view = _VIEWS.get(cls)
     if view is None:
@@ -139,6 +139,3 @@ def for_quantized_weight(module: nn.Module, rule: Rule | None) -> Rule | None:
 
 
 _OUTPUT = OutputRule()
-
-# bitsandbytes' quantized linears (matched by name: bitsandbytes is optional)
-_BUILTIN.update({"bitsandbytes.nn.modules.Linear4bit": _OUTPUT, "bitsandbytes.nn.modules.Linear8bitLt": _OUTPUT})

@@ -34,7 +34,8 @@ from typing import Callable, NamedTuple
 import torch
 from torch import nn
 
-from .errors import AdapterMismatchError, UnsupportedModuleError
+from ..errors import AdapterMismatchError, UnsupportedModuleError
+from ._kinds import join
 
 __all__ = ["Shadower"]
 
@@ -81,7 +82,7 @@ class Shadower:
             path = self._paths[id(module)]
             for kind in ("_parameters", "_buffers"):
                 for leaf in getattr(module, kind):
-                    self._slots.setdefault(_join(path, leaf), (id(module), kind, leaf))
+                    self._slots.setdefault(join(path, leaf), (id(module), kind, leaf))
         for name, _ in model.named_parameters(remove_duplicate=False):  # names under a second path
             self._slots.setdefault(name, self._slot_of(name, "_parameters"))
         for name, _ in model.named_buffers(remove_duplicate=False):
@@ -98,7 +99,7 @@ class Shadower:
             if child is None:
                 continue
             if id(child) not in self._paths:
-                self._walk(child, _join(path, name))
+                self._walk(child, join(path, name))
             self._links[id(child)].append((id(module), name))
 
     def _slot_of(self, name: str, kind: str) -> tuple[int, str, str]:
@@ -311,7 +312,3 @@ def _redirect(value, by_id: dict[int, nn.Module]):
         new.__dict__.update(value.__dict__)  # functools.update_wrapper's __wrapped__, __name__, ...
         return new
     return type(value)(by_id.get(id(v), v) if isinstance(v, nn.Module) else v for v in value)
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name

@@ -30,193 +30,24 @@ flags say, and leaves them as they were. Gradients still flow to the stacked ada
 
 from __future__ import annotations
 
-import contextvars
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
 from torch import nn
 
-from .errors import AdapterMismatchError
-from .lazy import _METADATA, _STRICT, MaterializationError, _plus, factored_weight, op_table
-from .ops import select
-from .rules import Conv1DRule, ConvRule, EmbeddingRule, LinearRule
+from ..core.lazy import _STRICT, MaterializationError
+from ..core.pytree import select
+from ..core.registry import behaves_as_builtin
+from ..core.rules import Conv1DRule, ConvRule, EmbeddingRule, LinearRule
+from ..errors import AdapterMismatchError
+from .routed_weight import ROUTE_INDEX, NotRoutable, RoutedParts, RoutedWeight, routed_weight
 
 __all__ = ["route", "RoutedWeight"]
 
-# The index of the rows being computed right now: the whole batch, or one distinct adapter's rows
-# inside a module that runs once per adapter.
-_INDEX: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("funclora_route_index", default=None)
 _ROUTABLE = (LinearRule, Conv1DRule, EmbeddingRule, ConvRule)
-# Linear / Conv1D branch: gathered bmm, or (when (N - 1)·tokens per example ≤ this) one matmul over
-# all adapters' A with the other adapters' columns zeroed; see _branch.
-_DENSE_MAX = 32
 # A saved nn.Linear runs as one matmul over all N adapters' weights when that costs at most this
 # many extra multiply-adds (a classifier head); else once per distinct adapter.
 _DENSE_SAVED_MACS = 1 << 24
-
-
-class _NotRoutable(Exception):
-    """Internal: this call cannot be routed layer by layer; route falls back to one pass per adapter."""
-
-
-# --- the routed weight ---------------------------------------------------------------------------
-@dataclass(frozen=True)
-class RoutedParts:
-    """What a :class:`RoutedWeight` carries besides ``W``.
-
-    Attributes:
-        base: the plain base weight ``W``.
-        A: stacked ``lora_A`` ``(N, r, in, *kernel)`` or ``lora_embedding_A`` ``(N, r, num)``.
-        B: stacked ``lora_B`` ``(N, out, r // groups, *1)`` or ``lora_embedding_B`` ``(N, dim, r)``.
-        scaling: ``s``; layout: as :class:`funclora.lazy.LoraParts`; path: for messages.
-    """
-
-    base: torch.Tensor
-    A: torch.Tensor
-    B: torch.Tensor
-    scaling: float
-    layout: str
-    path: str
-    groups: int = 1
-
-
-def _rows(x: torch.Tensor, parts: RoutedParts, *, divisible: bool = False) -> torch.Tensor:
-    """The routing index for input ``x`` (batch on dim 0), or :class:`_NotRoutable`."""
-    idx = _INDEX.get()
-    n = idx.shape[0]
-    rows = x.shape[0] if x.dim() >= 2 else -1
-    if rows == n or (divisible and rows > 0 and rows % n == 0):
-        return idx
-    raise _NotRoutable(f"the input of {parts.path!r} has shape {tuple(x.shape)}, not {n} examples on dim 0")
-
-
-def _dense(n_adapters: int, tokens: int) -> bool:
-    return (n_adapters - 1) * tokens <= _DENSE_MAX
-
-
-def _up(h: torch.Tensor, B: torch.Tensor, idx: torch.Tensor, s: float) -> torch.Tensor:
-    """``s·h_b @ B[idx[b]]ᵀ`` for ``h (n, M, r)``, ``B (N, out, r)`` → ``(n, M, out)``."""
-    n, m, r = h.shape
-    big_n = B.shape[0]
-    if not _dense(big_n, m):
-        return s * torch.bmm(h, B.index_select(0, idx).transpose(1, 2))
-    own = idx.view(n, 1, 1, 1) == torch.arange(big_n, device=idx.device).view(1, 1, big_n, 1)
-    h = (h.unsqueeze(2) * own).reshape(n, m, big_n * r)          # example b's r columns in slot idx[b]
-    return s * (h @ B.permute(1, 0, 2).reshape(B.shape[1], big_n * r).T)
-
-
-def _branch(x3: torch.Tensor, A: torch.Tensor, B: torch.Tensor, idx: torch.Tensor, s: float) -> torch.Tensor:
-    """``s·(x_b @ A[idx[b]]ᵀ) @ B[idx[b]]ᵀ`` for ``x3 (n, M, in)``, ``A (N, r, in)``, ``B (N, out, r)``.
-
-    Gathers each example's factors and runs two batched matmuls. With few tokens per example
-    (``(N − 1)·M ≤ 32``, e.g. one token each) gathering ``n`` copies of the factors costs more than
-    the products, so all ``N`` adapters' ``A`` run as one matmul, each example keeps its own
-    adapter's ``r`` columns (the others are zeroed) and one matmul with all ``B`` finishes.
-    """
-    n, m, _ = x3.shape
-    big_n, r = A.shape[0], A.shape[1]
-    x3 = x3.to(A.dtype)
-    if not _dense(big_n, m):
-        h = torch.bmm(x3, A.index_select(0, idx).transpose(1, 2))                # (n, M, r)
-    else:
-        h = (x3 @ A.reshape(big_n * r, -1).T).view(n, m, big_n, r)               # every adapter's A
-        h = h.gather(2, idx.view(n, 1, 1, 1).expand(n, m, 1, r)).squeeze(2)      # (n, M, r): its own
-    return _up(h, B, idx, s)
-
-
-def _linear(input, weight, bias=None):
-    parts = weight._route
-    idx = _rows(input, parts)
-    out = F.linear(input, parts.base, bias)
-    y = _branch(input.reshape(idx.shape[0], -1, input.shape[-1]), parts.A, parts.B, idx, parts.scaling)
-    return _plus(out, y.reshape(out.shape))
-
-
-def _addmm(input, mat1, mat2, *, beta=1, alpha=1, out=None):
-    parts = mat2._route
-    if out is not None:
-        raise _NotRoutable("torch.addmm(out=...)")
-    idx = _rows(mat1, parts, divisible=True)           # Conv1D flattens (n, T, in) to (n·T, in)
-    res = torch.addmm(input, mat1, parts.base, beta=beta, alpha=alpha)
-    y = _branch(mat1.reshape(idx.shape[0], -1, mat1.shape[-1]), parts.A, parts.B, idx, parts.scaling)
-    y = y.reshape(res.shape)
-    return _plus(res, y if alpha == 1 else alpha * y)
-
-
-def _matmul(input, other, *, out=None):
-    parts = other._route
-    if out is not None:
-        raise _NotRoutable("torch.matmul(out=...)")
-    idx = _rows(input, parts)
-    res = torch.matmul(input, parts.base)
-    y = _branch(input.reshape(idx.shape[0], -1, input.shape[-1]), parts.A, parts.B, idx, parts.scaling)
-    return _plus(res, y.reshape(res.shape))
-
-
-def _embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0,
-               scale_grad_by_freq=False, sparse=False):
-    parts = weight._route
-    if input.dim() < 1 or input.shape[0] != _INDEX.get().shape[0]:
-        raise _NotRoutable(f"the ids of {parts.path!r} have shape {tuple(input.shape)}")
-    idx = _INDEX.get()
-    out = F.embedding(input, parts.base, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)
-    n, A = idx.shape[0], parts.A                                      # A (N, r, num)
-    lead = idx.reshape(n, *([1] * (input.dim() - 1)))
-    rows = A[lead, :, input]                                          # (n, *ids, r): A[idx[b], :, ids[b, ...]]
-    if padding_idx is not None and rows.requires_grad:                # no gradient into the padding column
-        pad = padding_idx if padding_idx >= 0 else padding_idx + A.shape[-1]
-        rows = torch.where((input == pad).unsqueeze(-1), rows.detach(), rows)
-    y = _up(rows.reshape(n, -1, A.shape[1]), parts.B, idx, parts.scaling)
-    return _plus(out, y.reshape(out.shape))
-
-
-def _make_conv(conv):
-    def _conv(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
-        parts = weight._route
-        idx = _rows(input, parts)
-        out = conv(input, parts.base, bias, stride, padding, dilation, groups)
-        n, A, B = idx.shape[0], parts.A, parts.B
-        # one grouped conv for the whole batch: example b is group b of A and groups b·g … of B
-        x = input.to(A.dtype).reshape(1, n * input.shape[1], *input.shape[2:])
-        Ag = A.index_select(0, idx).reshape(n * A.shape[1], *A.shape[2:])
-        Bg = B.index_select(0, idx).reshape(n * B.shape[1], *B.shape[2:])
-        h = conv(x, Ag, None, stride, padding, dilation, n)
-        h = conv(h, Bg, None, 1, 0, 1, n * groups)
-        return _plus(out, (parts.scaling * h).reshape(out.shape))
-
-    return _conv
-
-
-_ROUTED = op_table(_linear, _addmm, _matmul, _embedding, _make_conv)
-
-
-class RoutedWeight(torch.Tensor):
-    """A base weight ``W`` carrying stacked factors; each example uses its own adapter's.
-
-    Built by :func:`route` inside the forward; any op other than those in the module docstring
-    makes :func:`route` fall back to one pass per distinct adapter.
-    """
-
-    _route: RoutedParts
-
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        with torch._C.DisableTorchFunctionSubclass():
-            if func in _METADATA:
-                return func(*(a._route.base if isinstance(a, RoutedWeight) else a for a in args), **kwargs)
-            if factored_weight(func, args, kwargs, RoutedWeight, "_route"):
-                return _ROUTED[func](*args, **kwargs)
-            paths = [a._route.path for a in args if isinstance(a, RoutedWeight)]
-            raise _NotRoutable(f"{getattr(func, '__name__', func)} on the weight of {paths or 'a target'}")
-
-
-def _routed_weight(parts: RoutedParts) -> RoutedWeight:
-    weight = parts.base.as_subclass(RoutedWeight)
-    weight._route = parts
-    return weight
 
 
 # --- arguments and outputs split by rows ---------------------------------------------------------
@@ -235,7 +66,7 @@ def _assemble(outs: list, groups: list[torch.Tensor], n: int, where: str):
     flat = [pytree.tree_flatten(o) for o in outs]
     spec = flat[0][1]
     if any(s != spec for _, s in flat[1:]):
-        raise _NotRoutable(f"{where} returns differently structured outputs for different adapters")
+        raise NotRoutable(f"{where} returns differently structured outputs for different adapters")
     inverse = torch.argsort(torch.cat(groups))
     leaves = []
     for pos, first in enumerate(flat[0][0]):
@@ -243,12 +74,12 @@ def _assemble(outs: list, groups: list[torch.Tensor], n: int, where: str):
         if isinstance(first, torch.Tensor):
             if not all(isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == g.shape[0]
                        for t, g in zip(column, groups)):
-                raise _NotRoutable(f"an output of {where} has no batch dimension to re-assemble")
+                raise NotRoutable(f"an output of {where} has no batch dimension to re-assemble")
             leaves.append(torch.cat(column).index_select(0, inverse.to(first.device)))
         elif all(c is first or c == first for c in column):
             leaves.append(first)
         else:
-            raise _NotRoutable(f"{where} returns a per-adapter value that is not a batched tensor "
+            raise NotRoutable(f"{where} returns a per-adapter value that is not a batched tensor "
                                f"({type(first).__name__}); e.g. pass use_cache=False")
     return pytree.tree_unflatten(leaves, spec)
 
@@ -264,17 +95,17 @@ def _grouped_forward(params_fn, path: str, called: set):
     """A ``forward(module, *args, **kwargs)`` that runs the module's class forward once per distinct
     adapter on its rows, with that adapter's parameters.
 
-    ``module`` is the call's shadow (funclora/shadow.py): the per-adapter parameters are swapped
+    ``module`` is the call's shadow (funclora/core/shadow.py): the per-adapter parameters are swapped
     into the shadow's own ``_parameters``, never into the model's.
     """
 
     def routed(module, *args, **kwargs):
         forward = type(module).forward.__get__(module)
         called.add(path)
-        idx = _INDEX.get()
+        idx = ROUTE_INDEX.get()
         n = idx.shape[0]
         if not _has_batch((args, kwargs), n):
-            raise _NotRoutable(f"the module {path!r} got no input with {n} examples on dim 0")
+            raise NotRoutable(f"the module {path!r} got no input with {n} examples on dim 0")
         stacked = getattr(params_fn, "stacked_linear", None)
         if stacked is not None and len(args) == 1 and not kwargs and args[0].dim() >= 2 and args[0].shape[0] == n:
             y = _saved_linear(args[0], *stacked, idx)
@@ -284,12 +115,12 @@ def _grouped_forward(params_fn, path: str, called: set):
         outs = []
         for u, rows in groups:
             sub_args, sub_kwargs = (args, kwargs) if len(groups) == 1 else _split((args, kwargs), rows, n)
-            token = _INDEX.set(idx.index_select(0, rows))
+            token = ROUTE_INDEX.set(idx.index_select(0, rows))
             try:
                 with torch.nn.utils.stateless._reparametrize_module(module, params_fn(u)):
                     outs.append(forward(*sub_args, **sub_kwargs))
             finally:
-                _INDEX.reset(token)
+                ROUTE_INDEX.reset(token)
         return outs[0] if len(groups) == 1 else _assemble(outs, [g for _, g in groups], n, repr(path))
 
     return routed
@@ -312,7 +143,7 @@ def _saved_linear(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None, idx:
 
 
 # --- route ---------------------------------------------------------------------------------------
-def _stack_size(lora, stacked) -> int:
+def _adapter_count(bound, stacked) -> int:
     if not isinstance(stacked, dict):
         raise AdapterMismatchError(f"LoRA.route: `stacked` must be a stacked adapter (fl.stack([...])), "
                                    f"got {type(stacked).__name__}.")
@@ -323,7 +154,7 @@ def _stack_size(lora, stacked) -> int:
             f"LoRA.route: every leaf of `stacked` must have the same leading axis N (the adapters); "
             f"found leading sizes {sorted(s for s in sizes if s is not None)}. Build it with fl.stack([a1, a2, ...]).")
     try:
-        lora.check(stacked, batched=1)
+        bound.check(stacked, batched=1)
     except AdapterMismatchError as e:
         raise AdapterMismatchError(f"LoRA.route: `stacked` is not a stack of adapters of this LoRA: {e}") from None
     return sizes.pop()
@@ -359,23 +190,20 @@ def _as_index(index, n: int, device) -> torch.Tensor:
 
 
 def _routable(target) -> bool:
-    """A Linear / Conv1D / Embedding / Conv rule (or a subclass keeping its lazy-weight forward)."""
-    kind = type(target.rule)
-    for cls in kind.__mro__:
-        if cls in _ROUTABLE:
-            return kind.overlay is cls.overlay and kind._parts is cls._parts and kind.layout == cls.layout
-    return False
+    """A target whose rule behaves as the built-in Linear / Conv1D / Embedding / Conv rule."""
+    return behaves_as_builtin(target.rule, *_ROUTABLE)
 
 
-def route(lora, stacked: dict, index, args: tuple, kwargs: dict):
+def route(bound, stacked: dict, index, args: tuple, kwargs: dict, *, call):
     """Run ``lora.model(*args, **kwargs)`` where example ``i`` uses adapter ``index[i]``.
 
     Args:
-        lora: a :class:`~funclora.LoRA`.
+        bound: the LoRA's :class:`~funclora.core.bound.Bound`.
         stacked: ``fl.stack([a_0, …, a_{N-1}])``: every leaf has a leading axis ``N``.
         index: ``B`` adapter numbers in ``[0, N)``: a list of ints or a 1-D integer tensor.
             Repeats and unused adapters are fine.
         args, kwargs: the model's inputs, batch (``B`` examples) on dim 0.
+        call: ``LoRA.run``: the forward of one adapter, for models routed one adapter at a time.
 
     Returns:
         The model's output; row ``i`` equals ``lora(fl.select(stacked, index[i]), x[i:i+1])``.
@@ -398,7 +226,7 @@ def route(lora, stacked: dict, index, args: tuple, kwargs: dict):
     if not torch._C._is_torch_function_enabled():
         raise RuntimeError("LoRA.route: torch function handling is disabled here (DisableTorchFunctionSubclass), "
                            "so the LoRA weights would silently act as the base weights. Call it outside that context.")
-    n_adapters = _stack_size(lora, stacked)
+    n_adapters = _adapter_count(bound, stacked)
     device = next(t for leaves in stacked.values() for t in leaves.values()).device
     idx = _as_index(index, n_adapters, device)
     n = idx.shape[0]
@@ -407,17 +235,17 @@ def route(lora, stacked: dict, index, args: tuple, kwargs: dict):
         raise ValueError(f"LoRA.route: `index` has {n} entries but no input has {n} examples on dim 0 "
                          f"(input shapes: {shapes}); give one adapter number per example.")
 
-    plan, model = lora.plan, lora.model
+    plan, model = bound.plan, bound.model
     layered = all(_routable(t) for t in plan.targets.values())
     per_adapter = [*plan.saved, *plan.biases]           # modules run once per distinct adapter
     if any(getattr(model.get_submodule(p), "batch_first", True) is False for p in per_adapter):
         layered = False
-    token = _INDEX.set(idx)
+    token = ROUTE_INDEX.set(idx)
     try:
         if layered:
             try:
-                return _route_layers(lora, stacked, idx, args, kwargs)
-            except _NotRoutable as e:
+                return _route_layers(bound, stacked, idx, args, kwargs)
+            except NotRoutable as e:
                 reason = str(e)
         else:
             reason = "a target or per-adapter module is not routed layer by layer"
@@ -425,13 +253,13 @@ def route(lora, stacked: dict, index, args: tuple, kwargs: dict):
             raise MaterializationError(
                 f"funclora.strict: LoRA.route would fall back to one forward pass per distinct adapter: "
                 f"{reason}. Leave strict mode to allow it.")
-        return _route_per_adapter(lora, stacked, idx, args, kwargs)
+        return _route_per_adapter(call, stacked, idx, args, kwargs)
     finally:
-        _INDEX.reset(token)
+        ROUTE_INDEX.reset(token)
 
 
-def _route_layers(lora, stacked, idx, args, kwargs):
-    plan, model = lora.plan, lora.model
+def _route_layers(bound, stacked, idx, args, kwargs):
+    plan, model = bound.plan, bound.model
     overlay, params_of = {}, {}
     for path, t in plan.targets.items():
         if t.module_path in plan.biases:
@@ -439,7 +267,7 @@ def _route_layers(lora, stacked, idx, args, kwargs):
         a, b = t.rule.names
         parts = RoutedParts(t.module.weight, stacked[path][a], stacked[path][b], t.scaling,
                             t.rule.layout, path, getattr(t.module, "groups", 1))
-        overlay[f"{t.module_path}.weight"] = _routed_weight(parts)
+        overlay[f"{t.module_path}.weight"] = routed_weight(parts)
     for path, names in plan.saved.items():
         def params(u, path=path, names=names):
             return {n: stacked[path][n][u] for n in names}
@@ -455,31 +283,31 @@ def _route_layers(lora, stacked, idx, args, kwargs):
             out = {"bias": stacked[path]["bias"][u]}
             if t is not None:                          # a target with a trained bias: its usual lazy weight too
                 factors = {k: v[u] for k, v in stacked[path].items() if k != "bias"}
-                base = {k: t.module.get_parameter(k) for k in lora._updated[path]}
+                base = {k: t.module.get_parameter(k) for k in bound.updated[path]}
                 out.update(t.rule.overlay(t.module, base, factors, t.scaling, dropout=0.0, path=path))
             return out
 
         params_of[path] = params
     called: set = set()
     forwards = {path: _grouped_forward(params_fn, path, called) for path, params_fn in params_of.items()}
-    out = lora._shadower.build(overlay, training=False, forwards=forwards)(*args, **kwargs)
+    out = bound.shadower.build(overlay, training=False, forwards=forwards)(*args, **kwargs)
     if called != params_of.keys():
-        raise _NotRoutable(f"the forward of {sorted(params_of.keys() - called)} was not called (its parameters "
+        raise NotRoutable(f"the forward of {sorted(params_of.keys() - called)} was not called (its parameters "
                            "are used directly by its parent)")
     return out
 
 
-def _route_per_adapter(lora, stacked, idx, args, kwargs):
+def _route_per_adapter(call, stacked, idx, args, kwargs):
     n = idx.shape[0]
     groups = _groups(idx)
     outs = []
     for u, rows in groups:
         sub_args, sub_kwargs = (args, kwargs) if len(groups) == 1 else _split((args, kwargs), rows, n)
-        outs.append(lora._forward(None, select(stacked, u), sub_args, sub_kwargs, False))
+        outs.append(call(None, select(stacked, u), sub_args, sub_kwargs, False))
     if len(groups) == 1:
         return outs[0]
     try:
         return _assemble(outs, [g for _, g in groups], n, "the model")
-    except _NotRoutable as e:
+    except NotRoutable as e:
         raise ValueError(f"LoRA.route: cannot re-assemble the batch: {e}. route needs outputs with the "
                          "batch on dim 0.") from None

@@ -17,14 +17,13 @@ from typing import Callable
 
 import torch
 
-from .apply import LoRA
-from .config import LoraConfig
-from .errors import AdapterMismatchError
-from .targeting import _list_match, _matches
+from ..core._kinds import name_match
+from ..core.bound import Adapter, Bound
+from ..core.config import LoraConfig
+from ..errors import AdapterMismatchError
 
 PREFIX = "base_model.model."
 
-Adapter = dict  # {path: {leaf: Tensor}}
 
 
 @dataclass(frozen=True)
@@ -75,15 +74,15 @@ def key_map(items: Mapping[str, object], targets: dict[str, FileTarget]) -> dict
     return keys
 
 
-def targets_from_lora(lora: LoRA) -> dict[str, FileTarget]:
+def targets_from_bound(bound: Bound) -> dict[str, FileTarget]:
     """The exact layout, from the plan (rules' file keys, wrapper nesting in plan order)."""
     per_module: dict[str, list[str]] = {}
-    for path, t in lora.plan.targets.items():
+    for path, t in bound.plan.targets.items():
         if t.path != t.module_path:
             per_module.setdefault(t.module_path, []).append(path)
     out = {}
-    for path, t in lora.plan.targets.items():
-        lora_leaves = tuple(leaf for leaf, spec in lora._specs[path].items() if not isinstance(spec, tuple))
+    for path, t in bound.plan.targets.items():
+        lora_leaves = tuple(leaf for leaf, spec in bound.specs[path].items() if not isinstance(spec, tuple))
         siblings = per_module.get(t.module_path, [])
         outer = len(siblings) - 1 - siblings.index(path) if t.path != t.module_path else len(siblings)
         out[path] = FileTarget(t.module_path, t.rule.file_key, lora_leaves, outer)
@@ -96,7 +95,7 @@ def module_targeted(path: str, config: LoraConfig) -> bool:
     spec = config.target_modules
     if spec is None or (isinstance(spec, str) and spec.lower() == "all-linear"):
         return not config.target_parameters
-    return _matches(path, spec) is not None
+    return name_match(path, spec) is not None
 
 
 def targets_from_names(items: Mapping[str, object], config: LoraConfig, fn: str) -> dict[str, FileTarget]:
@@ -112,7 +111,7 @@ def targets_from_names(items: Mapping[str, object], config: LoraConfig, fn: str)
         if not lora_leaves:
             continue
         is_param = (bool(config.target_parameters) and "." in path
-                    and _list_match(path, config.target_parameters) is not None
+                    and name_match(path, config.target_parameters) is not None
                     and not module_targeted(path, config))
         module_path = path.rsplit(".", 1)[0] if is_param else path
         if is_param:
@@ -141,10 +140,10 @@ def _shape(t) -> tuple:
     return tuple(t.shape)
 
 
-def match_keys(stripped: dict, lora: LoRA, file: str, strict: bool, fn: str) -> Adapter:
+def match_keys(stripped: dict, bound: Bound, file: str, strict: bool, fn: str) -> Adapter:
     """The pytree ``lora.init()`` would make, filled from the file's (prefix-less) keys; checks shapes."""
-    shapes = lora.shapes()
-    keys = key_map(shapes, targets_from_lora(lora))
+    shapes = bound.shapes()
+    keys = key_map(shapes, targets_from_bound(bound))
     missing = [PREFIX + k for k in keys.values() if k not in stripped]
     expected = set(keys.values())
     unexpected = [PREFIX + k if not k.startswith(PREFIX) else k for k in stripped if k not in expected]
@@ -155,12 +154,12 @@ def match_keys(stripped: dict, lora: LoRA, file: str, strict: bool, fn: str) -> 
             "(missing leaves get a fresh init, unexpected keys are ignored).")
     for (path, leaf), key in keys.items():
         if key in stripped and _shape(stripped[key]) != shapes[path][leaf]:
-            hint = " rank_pattern order (PEFT writes it sorted)," if lora.config.rank_pattern else ""
+            hint = " rank_pattern order (PEFT writes it sorted)," if bound.config.rank_pattern else ""
             raise AdapterMismatchError(
                 f"{fn}: {file!r}: {PREFIX + key!r} has shape {_shape(stripped[key])} but the model's {path} needs "
                 f"{shapes[path][leaf]} (adapter[{path!r}][{leaf!r}]). Was the adapter trained on another model, "
                 f"with another r,{hint} or another config?")
-    fresh = lora.init(generator=torch.Generator().manual_seed(0)) if missing else None
+    fresh = bound.init(torch.Generator().manual_seed(0), None) if missing else None
     if missing:
         warnings.warn(f"{fn}: {file!r} lacks {_few(missing)}; those leaves get a fresh init (LoRA B = 0, "
                       "saved modules and biases = the model's values).", UserWarning, stacklevel=3)
@@ -210,7 +209,7 @@ def parse_keys(stripped: dict, config: LoraConfig, file: str, strict: bool, fn: 
             continue
         name = ".".join(p for p in parts if p != "base_layer")
         segs = name.split(".")
-        owner = next((".".join(segs[:i]) for i in range(1, len(segs)) if _list_match(".".join(segs[:i]), saved_specs)),
+        owner = next((".".join(segs[:i]) for i in range(1, len(segs)) if name_match(".".join(segs[:i]), saved_specs)),
                      None)
         if owner is not None:
             saved.setdefault(owner, {})[name[len(owner) + 1:]] = t
@@ -237,7 +236,7 @@ def _target_path(module: str, depths: set, config: LoraConfig, file: str, fn: st
     """The adapter key of the LoRA factors at ``module``: the module path, or a parameter path."""
     params = config.target_parameters or []
     names = [e.rpartition(".")[2] for e in params]
-    candidates = list(dict.fromkeys(n for n in names if _list_match(f"{module}.{n}", params)))
+    candidates = list(dict.fromkeys(n for n in names if name_match(f"{module}.{n}", params)))
     if len(depths) > 1 or (len(candidates) > 1 and not module_targeted(module, config)):
         what = (f"nests {len(depths)} LoRA wrappers on {module!r}" if len(depths) > 1 else
                 f"has LoRA factors on {module!r} that may belong to any of the parameters {candidates}")

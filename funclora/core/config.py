@@ -11,10 +11,14 @@ import dataclasses
 import json
 import math
 import os
-import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
+
+from .. import _files as files
+from ..errors import AdapterFileError
+from .config_fields import check_regex, is_index, is_number, jsonable, name_list, names_or_regex
+from .registry import as_rule, rules_in_metadata, with_rules
 
 __all__ = ["LoraConfig"]
 
@@ -131,19 +135,25 @@ class LoraConfig:
 
     def __post_init__(self):
         self._custom_modules: dict = {}
-        self.target_modules = _names_or_regex("target_modules", self.target_modules)
-        self.exclude_modules = _names_or_regex("exclude_modules", self.exclude_modules)
+        self.target_modules = names_or_regex("target_modules", self.target_modules)
+        self.exclude_modules = names_or_regex("exclude_modules", self.exclude_modules)
         if isinstance(self.modules_to_save, str):  # one module name, as PEFT reads it (not its letters)
             self.modules_to_save = [self.modules_to_save]
         if self.modules_to_save is not None:
-            self.modules_to_save = _name_list("modules_to_save", self.modules_to_save)
+            self.modules_to_save = name_list("modules_to_save", self.modules_to_save)
         if self.target_parameters is not None:
             if isinstance(self.target_parameters, str):
                 raise TypeError("LoraConfig: `target_parameters` must be a list of strings or None.")
-            self.target_parameters = _name_list("target_parameters", self.target_parameters)
+            self.target_parameters = name_list("target_parameters", self.target_parameters)
         self._validate()
 
     def _validate(self):
+        self._check_values()
+        self._check_patterns()
+        self._check_combinations()
+
+    def _check_values(self):
+        """Each field alone: its type and range (PEFT options funclora lacks must keep their default)."""
         for name, default in _UNSUPPORTED_DEFAULTS.items():
             value = getattr(self, name)
             if value != default and not (default is None and value in ({}, [], False)):
@@ -153,7 +163,7 @@ class LoraConfig:
                 )
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             raise ValueError(f"LoraConfig: `r` must be a positive int, got {self.r!r}.")
-        if not _is_number(self.lora_alpha) or not math.isfinite(self.lora_alpha):
+        if not is_number(self.lora_alpha) or not math.isfinite(self.lora_alpha):
             raise ValueError(f"LoraConfig: `lora_alpha` must be a finite number, got {self.lora_alpha!r}.")
         for name in ("use_rslora", "fan_in_fan_out", "inference_mode"):
             if not isinstance(getattr(self, name), bool):
@@ -169,25 +179,37 @@ class LoraConfig:
             if not isinstance(getattr(self, name), dict):
                 raise ValueError(f"LoraConfig: `{name}` must be a dict {{regex: value}}, got {getattr(self, name)!r}.")
         for key, value in self.rank_pattern.items():
-            _check_regex("rank_pattern", key, rf"(.*\.)?({key})$")
+            check_regex("rank_pattern", key, rf"(.*\.)?({key})$")
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"LoraConfig: rank_pattern[{key!r}] must be a positive int, got {value!r}.")
         for key, value in self.alpha_pattern.items():
-            _check_regex("alpha_pattern", key, rf"(.*\.)?({key})$")
-            if not _is_number(value) or not math.isfinite(value):
+            check_regex("alpha_pattern", key, rf"(.*\.)?({key})$")
+            if not is_number(value) or not math.isfinite(value):
                 raise ValueError(f"LoraConfig: alpha_pattern[{key!r}] must be a finite number, got {value!r}.")
-        if not _is_number(self.lora_dropout) or not 0.0 <= self.lora_dropout < 1.0:
+        if not is_number(self.lora_dropout) or not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"LoraConfig: `lora_dropout` must be a number in [0, 1), got {self.lora_dropout!r}.")
         if self.bias not in ("none", "all", "lora_only"):
             raise ValueError(f"LoraConfig: `bias` must be 'none', 'all' or 'lora_only', got {self.bias!r}.")
+        init = self.init_lora_weights
+        if init not in (True, False, "gaussian"):
+            if isinstance(init, str) and (init in _KNOWN_INITS or init.startswith("pissa_niter_")):
+                raise ValueError(
+                    f"LoraConfig: `init_lora_weights={init!r}` is a PEFT initialisation funclora does "
+                    "not implement; use True, 'gaussian' or False."
+                )
+            raise ValueError(f"Unknown initialization init_lora_weights={init!r}: funclora takes True "
+                             "(kaiming-uniform A, zero B), 'gaussian' or False.")
+
+    def _check_patterns(self):
+        """The regexes and layer selectors: each compiles as PEFT will use it."""
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             if isinstance(value, str) and value != "all-linear":
-                _check_regex(name, value, value)
+                check_regex(name, value, value)
         for name in self.modules_to_save or []:
-            _check_regex("modules_to_save", name, rf"(^|.*\.){name}($|\..*)")
+            check_regex("modules_to_save", name, rf"(^|.*\.){name}($|\..*)")
         layers = self.layers_to_transform
-        if layers is not None and not (_is_index(layers) or (isinstance(layers, list) and all(map(_is_index, layers)))):
+        if layers is not None and not (is_index(layers) or (isinstance(layers, list) and all(map(is_index, layers)))):
             raise ValueError(f"LoraConfig: `layers_to_transform` must be a layer index (int ≥ 0), a list of them or "
                              f"None, got {layers!r}.")
         patterns = self.layers_pattern
@@ -198,16 +220,10 @@ class LoraConfig:
                 raise ValueError(f"LoraConfig: `layers_pattern` must be a str, a list of str or None, got "
                                  f"{self.layers_pattern!r}.")
             for pattern in patterns:
-                _check_regex("layers_pattern", pattern, rf"(?:.*?\.)?(?:{pattern})\.(\d+)\.")
-        init = self.init_lora_weights
-        if init not in (True, False, "gaussian"):
-            if isinstance(init, str) and (init in _KNOWN_INITS or init.startswith("pissa_niter_")):
-                raise ValueError(
-                    f"LoraConfig: `init_lora_weights={init!r}` is a PEFT initialisation funclora does "
-                    "not implement; use True, 'gaussian' or False."
-                )
-            raise ValueError(f"Unknown initialization init_lora_weights={init!r}: funclora takes True "
-                             "(kaiming-uniform A, zero B), 'gaussian' or False.")
+                check_regex("layers_pattern", pattern, rf"(?:.*?\.)?(?:{pattern})\.(\d+)\.")
+
+    def _check_combinations(self):
+        """Fields that PEFT refuses together."""
         if isinstance(self.target_modules, str):
             if self.layers_to_transform is not None:
                 raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str.")
@@ -243,8 +259,6 @@ class LoraConfig:
             >>> fl.LoRA(torch.nn.Sequential(Scaled(4, 3)), config).plan.targets["0"].rule
             LinearRule()
         """
-        from .rules import as_rule
-
         for module_type, rule in mapping.items():
             if not isinstance(module_type, type):
                 raise TypeError(
@@ -269,7 +283,7 @@ class LoraConfig:
             value = getattr(self, f.name)
             if f.name == "runtime_config":
                 continue
-            out[f.name] = _jsonable(value)
+            out[f.name] = jsonable(value)
         out["peft_type"] = "LORA"
         return out
 
@@ -332,51 +346,38 @@ class LoraConfig:
             ...     fl.LoraConfig.from_pretrained(folder).r
             2
         """
-        from .io import read_config
-
         folder = os.path.join(path, subfolder) if subfolder else path
-        return read_config(folder)
+        return read_config(folder, "LoraConfig.from_pretrained")
 
 
-def _jsonable(value):
-    if isinstance(value, (set, tuple)):
-        return sorted(value) if all(isinstance(v, str) for v in value) else list(value)
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if dataclasses.is_dataclass(value):
-        return dataclasses.asdict(value)
-    return value
+# --- adapter_config.json, and the custom rules an adapter file records ---------------------------
+def read_config(path, fn: str) -> LoraConfig:
+    """The :class:`LoraConfig` of an adapter folder (``path`` or its only named adapter).
 
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _is_index(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _check_regex(field_name: str, what: str, pattern: str) -> None:
-    """Raise a ValueError naming ``field_name`` if ``pattern`` (built from ``what``) is no regex."""
+    Custom rules recorded in the folder's safetensors metadata are registered on the config
+    when they can be imported; others must be registered by hand (``config.register_custom_module``).
+    """
+    folder = files.adapter_folder(path, None, fn)
+    config = read_config_file(folder, fn)
+    file = os.path.join(folder, files.WEIGHTS_NAME)
     try:
-        re.compile(pattern)
-    except re.error as e:
-        raise ValueError(f"LoraConfig: `{field_name}` entry {what!r} is not a valid regular expression "
-                         f"({e}); escape special characters with re.escape.") from None
+        header, _ = files.read_header(file, fn)
+        rules = rules_in_metadata(header.get("__metadata__", {}), file, fn)
+    except (OSError, AdapterFileError):
+        return config  # reading the weights reports their problems
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the user registers the others by hand, as in PEFT
+        return with_rules(config, rules, required=False, file=file, fn=fn)
 
 
-def _name_list(field_name: str, value) -> list[str]:
+def read_config_file(folder: str, fn: str) -> LoraConfig:
+    """``folder/adapter_config.json`` as a :class:`LoraConfig`; errors name the file."""
+    file = os.path.join(folder, files.CONFIG_NAME)
+    data = files.read_json(file, fn)
+    if data.get("peft_type", "LORA") not in ("LORA", None):
+        raise AdapterFileError(f"{fn}: {file!r} is a {data['peft_type']!r} adapter; funclora reads LoRA adapters "
+                               "only (peft_type 'LORA').")
     try:
-        names = list(dict.fromkeys(value))
-    except TypeError:
-        raise TypeError(f"LoraConfig: `{field_name}` must be a list of strings, got {value!r}.") from None
-    for name in names:
-        if not isinstance(name, str):
-            raise TypeError(f"LoraConfig: `{field_name}` must hold strings, found {name!r}.")
-    return names
-
-
-def _names_or_regex(field_name: str, value):
-    if value is None or isinstance(value, str):
-        return value
-    return _name_list(field_name, value)
+        return LoraConfig.from_dict(data, source=file)
+    except (ValueError, TypeError) as e:
+        raise AdapterFileError(f"{fn}: {file!r} holds a config funclora cannot use: {e}") from None

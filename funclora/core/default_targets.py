@@ -43,7 +43,7 @@ def default_targets(model) -> list[str] | str | None:
 
     Example:
         >>> import types
-        >>> from funclora.default_targets import default_targets
+        >>> from funclora.core.default_targets import default_targets
         >>> default_targets(types.SimpleNamespace(config=types.SimpleNamespace(model_type="mistral")))
         ['q_proj', 'v_proj']
     """

@@ -27,11 +27,14 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..errors import TargetNotFoundError, UnsupportedModuleError
+from ._kinds import is_linear, is_pretrained, name_match
 from .config import LoraConfig
 from .default_targets import default_targets
-from .errors import TargetNotFoundError, UnsupportedModuleError
 from .quantized import for_quantized_weight
-from .rules import ParameterRule, Rule, find_rule, overlay_is_builtin, supported_types
+from .registry import find_rule, supported_types
+from .suggest import suggest_targets
+from .rules import ParameterRule, Rule, overlay_is_builtin
 
 __all__ = ["Target", "Plan", "make_plan"]
 
@@ -102,21 +105,6 @@ class Plan:
         return "\n".join(lines)
 
 
-def _list_match(key: str, names) -> str | None:
-    """'exact' or 'suffix' if ``key`` equals an entry or ends with '.' + entry, else None."""
-    if key in names:
-        return "exact"
-    if any(key.endswith("." + n) for n in names):
-        return "suffix"
-    return None
-
-
-def _matches(key: str, spec) -> str | None:
-    if isinstance(spec, str):
-        return "exact" if re.fullmatch(spec, key) else None
-    return _list_match(key, spec)
-
-
 def _layer_index(key: str, layers_pattern) -> int | None:
     if not layers_pattern:
         m = re.match(r".*?\.[^.]*\.(\d+)\.", key)
@@ -128,7 +116,7 @@ def _layer_index(key: str, layers_pattern) -> int | None:
     return None
 
 
-def _pattern_value(key: str, patterns: dict, default, used: set):
+def pattern_value(key: str, patterns: dict, default, used: set):
     for pattern, value in patterns.items():
         if re.match(rf"(.*\.)?({pattern})$", key):
             used.add(pattern)
@@ -136,20 +124,10 @@ def _pattern_value(key: str, patterns: dict, default, used: set):
     return default
 
 
-def _is_pretrained(model) -> bool:
-    return any(c.__name__ == "PreTrainedModel" for c in type(model).__mro__)
-
-
-def _is_linear(module) -> bool:
-    return isinstance(module, nn.Linear) or any(
-        f"{c.__module__}.{c.__qualname__}" == "transformers.pytorch_utils.Conv1D" for c in type(module).__mro__
-    )
-
-
 def _all_linear(model: nn.Module, config: LoraConfig) -> list[str]:
-    names = [n for n, m in model.named_modules() if n and _is_linear(m)]
+    names = [n for n, m in model.named_modules() if n and is_linear(m)]
     exclude = set()
-    if _is_pretrained(model):
+    if is_pretrained(model):
         head = model.get_output_embeddings()
         if head is not None:
             exclude |= {n for n, m in model.named_modules() if m is head}
@@ -171,8 +149,6 @@ def _resolve_target_modules(model: nn.Module, config: LoraConfig):
             model_type = getattr(getattr(model, "config", None), "model_type", None)
             known = f"model_type {model_type!r} has no default targets" if model_type else \
                 f"{type(model).__name__} is not a transformers model with a known model_type"
-            from .suggest import suggest_targets  # lazy: suggest builds on this module
-
             hint = suggest_targets(model)
             fix = (f"e.g. target_modules={hint.target_modules!r}, or 'all-linear', or entries from "
                    "fl.suggest_targets(model)" if hint.target_modules is not None else
@@ -237,7 +213,7 @@ def _check_dense_weights(module: nn.Module, rule, path: str) -> None:
     GPTQ / AWQ / HQQ layers and the like keep ``nn.Linear``'s class or a subclass, but their weight
     is integer data (``int32`` / ``uint8`` / packed) or a tensor subclass that the layer's own
     forward decodes. (bitsandbytes layers and torchao-quantized ``nn.Linear`` have an
-    :class:`~funclora.quantized.OutputRule` by now, whose overlay is not a built-in one.)
+    :class:`~funclora.core.quantized.OutputRule` by now, whose overlay is not a built-in one.)
     """
     if not overlay_is_builtin(rule):
         return  # a user rule reads the weights its own way
@@ -267,20 +243,41 @@ def _is_dtensor(t) -> bool:
 
 def make_plan(model: nn.Module, config: LoraConfig) -> Plan:
     """Resolve ``config`` against ``model`` once: which modules get LoRA, which are saved."""
-    custom = config._custom_modules
     spec = _resolve_target_modules(model, config)
     saved_specs = list(config.modules_to_save or [])
     if config.task_type == "SEQ_CLS":
         saved_specs += [n for n in ("classifier", "score") if n not in saved_specs]
-    mts_regexes = [re.compile(rf"(^|.*\.){m}($|\..*)") for m in saved_specs]
-    layers = config.layers_to_transform
-    layers = [layers] if isinstance(layers, int) else layers
-    used_rank, used_alpha = set(), set()
+    saved_regexes = [re.compile(rf"(^|.*\.){m}($|\..*)") for m in saved_specs]
+    make = _TargetMaker(config)
+    targets, excluded, candidates, used_exclude = _module_targets(model, config, spec, saved_regexes, make)
+    _parameter_targets(model, config, saved_regexes, make, targets)
+    if not targets:
+        raise _not_found(model, config, spec, excluded)
+    if config.exclude_modules and not used_exclude and candidates:
+        warnings.warn(
+            f"You have passed exclude_modules={config.exclude_modules} but no modules were excluded. "
+            "Please check that exclude_modules was set correctly.", UserWarning, stacklevel=3)
+    make.warn_unused_patterns()
+    _check_no_overlap(targets)
+    saved = _saved_modules(model, saved_specs, config.modules_to_save or [])
+    biases = _trained_biases(model, config.bias, targets, saved)
+    return Plan(targets, saved, biases, spec)
 
-    def target(path, module_path, module, rule):
+
+class _TargetMaker:
+    """Builds each :class:`Target` (rank, alpha, scaling, dropout, checks), noting which
+    ``rank_pattern`` / ``alpha_pattern`` keys were used."""
+
+    def __init__(self, config: LoraConfig):
+        self.config = config
+        self.used_rank: set = set()
+        self.used_alpha: set = set()
+
+    def __call__(self, path: str, module_path: str, module: nn.Module, rule: Rule) -> Target:
+        config = self.config
         rule = for_quantized_weight(module, rule)
-        r = _pattern_value(path, config.rank_pattern, config.r, used_rank)
-        alpha = _pattern_value(path, config.alpha_pattern, config.lora_alpha, used_alpha)
+        r = pattern_value(path, config.rank_pattern, config.r, self.used_rank)
+        alpha = pattern_value(path, config.alpha_pattern, config.lora_alpha, self.used_alpha)
         rule.check(module, r, path)
         _check_not_parametrized(module, rule, path)
         _check_dense_weights(module, rule, path)
@@ -288,25 +285,37 @@ def make_plan(model: nn.Module, config: LoraConfig) -> Plan:
         dropout = float(config.lora_dropout) if rule.supports_dropout else 0.0
         return Target(path, module_path, module, rule, r, alpha, scaling, dropout)
 
+    def warn_unused_patterns(self) -> None:
+        for name, patterns, used in (("rank_pattern", self.config.rank_pattern, self.used_rank),
+                                     ("alpha_pattern", self.config.alpha_pattern, self.used_alpha)):
+            unused = [k for k in patterns if k not in used]
+            if unused:
+                warnings.warn(f"The following {name} keys did not match any targeted module and were "
+                              f"ignored: {unused}.", RuntimeWarning, stacklevel=4)
+
+
+def _module_targets(model, config: LoraConfig, spec, saved_regexes, make: _TargetMaker):
+    """``(targets, excluded, candidates, used_exclude)`` from ``target_modules`` (PEFT's steps 1-4)."""
+    layers = config.layers_to_transform
+    layers = [layers] if isinstance(layers, int) else layers
     targets: dict[str, Target] = {}
     excluded, candidates, used_exclude = set(), set(), False
     for key, module in model.named_modules():
         if not key:
             continue
-        hit = _matches(key, spec) if spec is not None else None
-        by_exclude = config.exclude_modules is not None and _matches(key, config.exclude_modules)
-        if by_exclude or any(rx.match(key) for rx in mts_regexes):
+        hit = name_match(key, spec) if spec is not None else None
+        by_exclude = config.exclude_modules is not None and name_match(key, config.exclude_modules)
+        if by_exclude or any(rx.match(key) for rx in saved_regexes):
             if hit:
                 excluded.add(key)
                 used_exclude |= bool(by_exclude)
             continue
-        if hit == "suffix" and layers is not None:
-            if _layer_index(key, config.layers_pattern) not in layers:
-                continue
+        if hit == "suffix" and layers is not None and _layer_index(key, config.layers_pattern) not in layers:
+            continue
         if not hit:
             continue
         candidates.add(key)
-        rule = find_rule(module, custom)
+        rule = find_rule(module, config._custom_modules)
         if rule is None:
             raise UnsupportedModuleError(
                 f"LoRA: target {key!r} is a {type(module).__module__}.{type(module).__qualname__} "
@@ -316,25 +325,30 @@ def make_plan(model: nn.Module, config: LoraConfig) -> Plan:
                 f"weights directly with target_parameters=['{key}.<param>'], or target only its "
                 "supported submodules."
             )
-        targets[key] = target(key, key, module, rule)
+        targets[key] = make(key, key, module, rule)
+    return targets, excluded, candidates, used_exclude
 
-    matched_params = False
+
+def _parameter_targets(model, config: LoraConfig, saved_regexes, make: _TargetMaker, targets: dict) -> None:
+    """Add the ``target_parameters`` targets to ``targets``; refuse or warn when none matched."""
+    if not config.target_parameters:
+        return
+    matched = False
     for module_path, module in model.named_modules():
         for pname, _ in module.named_parameters(recurse=False):
             key = f"{module_path}.{pname}" if module_path else pname
-            if not config.target_parameters or not _list_match(key, config.target_parameters):
+            if not name_match(key, config.target_parameters):
                 continue
             if not module_path:
                 raise UnsupportedModuleError(
                     f"LoRA: target_parameters matched {key!r} on the top-level module; Targeting an "
                     "nn.Parameter on the top-level module is not supported. Wrap it in a submodule."
                 )
-            if any(rx.match(module_path) for rx in mts_regexes):
+            if any(rx.match(module_path) for rx in saved_regexes):
                 continue
-            matched_params = True
-            targets[key] = target(key, module_path, module, ParameterRule(pname))
-
-    if config.target_parameters and not matched_params:
+            matched = True
+            targets[key] = make(key, module_path, module, ParameterRule(pname))
+    if not matched:
         if not targets:
             raise TargetNotFoundError(
                 f"LoRA: target_parameters={config.target_parameters} matched no parameter of "
@@ -342,24 +356,7 @@ def make_plan(model: nn.Module, config: LoraConfig) -> Plan:
                 f"suffix, e.g. {[n for n, _ in model.named_parameters()][:4]}."
             )
         warnings.warn(f"target_parameters={config.target_parameters} were set but no parameter was matched.",
-                      RuntimeWarning, stacklevel=3)
-    if not targets:
-        raise _not_found(model, config, spec, excluded)
-    if config.exclude_modules and not used_exclude and candidates:
-        warnings.warn(
-            f"You have passed exclude_modules={config.exclude_modules} but no modules were excluded. "
-            "Please check that exclude_modules was set correctly.", UserWarning, stacklevel=3)
-    for name, patterns, used in (("rank_pattern", config.rank_pattern, used_rank),
-                                 ("alpha_pattern", config.alpha_pattern, used_alpha)):
-        unused = [k for k in patterns if k not in used]
-        if unused:
-            warnings.warn(f"The following {name} keys did not match any targeted module and were "
-                          f"ignored: {unused}.", RuntimeWarning, stacklevel=3)
-
-    _check_no_overlap(targets)
-    saved = _saved_modules(model, saved_specs, config.modules_to_save or [])
-    biases = _trained_biases(model, config.bias, targets, saved)
-    return Plan(targets, saved, biases, spec)
+                      RuntimeWarning, stacklevel=4)
 
 
 def _check_no_overlap(targets: dict[str, Target]) -> None:
@@ -378,7 +375,7 @@ def _check_no_overlap(targets: dict[str, Target]) -> None:
 def _saved_modules(model, specs, explicit) -> dict[str, tuple[str, ...]]:
     saved: dict[str, tuple[str, ...]] = {}
     for key, module in model.named_modules():
-        if not key or not _list_match(key, specs):
+        if not key or not name_match(key, specs):
             continue
         if any(key.startswith(p + ".") for p in saved):
             continue  # inside a module that is already saved whole
@@ -387,7 +384,7 @@ def _saved_modules(model, specs, explicit) -> dict[str, tuple[str, ...]]:
                             f"({key!r}); name the modules inside it instead.")
         saved[key] = tuple(n for n, _ in module.named_parameters())
     for spec in explicit:
-        if not any(_list_match(k, [spec]) for k in saved):
+        if not any(name_match(k, [spec]) for k in saved):
             warnings.warn(f"LoRA: modules_to_save entry {spec!r} matched no module; it is ignored.",
                           UserWarning, stacklevel=4)
     return saved

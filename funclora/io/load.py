@@ -1,0 +1,131 @@
+"""Reading adapter folders written by funclora or PEFT (see :mod:`funclora.io` for the layout)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .. import _files as files
+from ..core.bound import Adapter, Bound
+from ..core.config import LoraConfig, read_config_file
+from ..core.config import read_config as _read_config
+from ..core.registry import rules_in_metadata, with_rules
+from . import layout
+
+__all__ = ["load_adapter", "load_adapters", "read_config"]
+
+
+def read_config(folder: str | os.PathLike) -> LoraConfig:
+    """The :class:`LoraConfig` of an adapter folder (``LoraConfig.from_pretrained``).
+
+    Custom rules recorded in the folder's safetensors metadata are registered on the config
+    when they can be imported; others must be registered by hand (``config.register_custom_module``).
+    """
+    return _read_config(folder, "LoraConfig.from_pretrained")
+
+
+def load_adapter(path: str | os.PathLike, *, model: torch.nn.Module | None = None,
+                 config: LoraConfig | None = None, adapter_name: str | None = None,
+                 dtype: torch.dtype | None = None, device=None, strict: bool = True) -> tuple[Adapter, LoraConfig]:
+    """Read an adapter folder written by funclora or PEFT: ``(adapter, config)``.
+
+    Args:
+        path: the folder. ``adapter_name`` ``None`` / ``"default"`` reads its root, any other name
+            the subfolder PEFT wrote for that adapter.
+        model: check the keys and shapes against ``fl.LoRA(model, config)`` and return the pytree
+            exactly as its ``init()`` structures it. Without a model the pytree is parsed from the
+            key names and the config: paths come in file order, and a module with several
+            ``target_parameters`` cannot be read (their nesting order needs the model).
+        config: use this config instead of the folder's ``adapter_config.json`` (e.g. one with
+            custom rules registered).
+        dtype, device: convert floating-point leaves / move every leaf. With ``model`` and no
+            ``dtype``, every leaf gets the dtype ``fl.LoRA(model, config).init()`` gives it, as
+            PEFT copies a file into its own LoRA parameters (``autocast_adapter_dtype=True``): an
+            fp16 / bf16 / fp64 folder read onto an fp32 model gives fp32 factors and saved modules,
+            and the outputs equal PEFT's. Pass ``dtype=`` to choose the factors' dtype instead.
+        strict: missing keys raise (``False``: warn and fill them with a fresh ``init``);
+            unexpected keys raise (``False``: ignored).
+
+    Returns:
+        ``({path: {leaf: Tensor}}, LoraConfig)``; the config has the file's custom rules
+        registered when they can be imported.
+
+    Raises:
+        FileNotFoundError: no such folder or file. AdapterFileError: a file is not valid
+        safetensors / JSON or not a LoRA config. AdapterMismatchError: keys or shapes do not fit.
+
+    Example:
+        >>> import tempfile, torch, funclora as fl
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> lora = fl.LoRA(model, fl.LoraConfig(target_modules=["0"], modules_to_save=["2"], r=2))
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     fl.save_adapter(folder, lora.init(), lora=lora)
+        ...     adapter, config = fl.load_adapter(folder, model=model)
+        >>> {path: {leaf: tuple(t.shape) for leaf, t in leaves.items()} for path, leaves in adapter.items()}
+        {'0': {'lora_A': (2, 4), 'lora_B': (8, 2)}, '2': {'weight': (2, 8), 'bias': (2,)}}
+        >>> config.target_modules, config.modules_to_save
+        (['0'], ['2'])
+    """
+    fn = "load_adapter"
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise TypeError(f"{fn}: `dtype` must be a torch.dtype or None, got {dtype!r}.")
+    folder = files.adapter_folder(path, adapter_name, fn)
+    if config is None:
+        config = read_config_file(folder, fn)
+    elif not isinstance(config, LoraConfig):
+        raise TypeError(f"{fn}: `config` must be a funclora.LoraConfig, got {type(config).__name__}.")
+    file = os.path.join(folder, files.WEIGHTS_NAME)
+    tensors, meta = files.read_weights(folder, fn)
+    config = with_rules(config, rules_in_metadata(meta, file, fn), required=model is not None, file=file, fn=fn)
+    stripped = layout.strip_prefix(tensors)
+    if model is None:
+        adapter = layout.parse_keys(stripped, config, file, strict, fn)
+    else:
+        try:
+            bound = Bound(model, config)
+        except ValueError as e:
+            raise type(e)(f"{fn}: the config of {folder!r} does not fit the model: {e}") from None
+        adapter = layout.match_keys(stripped, bound, file, strict, fn)
+        if dtype is None:  # as PEFT: the file's values land in leaves of the dtypes init() gives
+            want = bound.leaf_dtypes()
+            adapter = {p: {leaf: t.to(want[p][leaf]) if t.is_floating_point() else t for leaf, t in leaves.items()}
+                       for p, leaves in adapter.items()}
+    if dtype is not None or device is not None:
+        adapter = {p: {leaf: t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else None)
+                       for leaf, t in leaves.items()} for p, leaves in adapter.items()}
+    return adapter, config
+
+
+def load_adapters(path: str | os.PathLike, *, model: torch.nn.Module | None = None,
+                  dtype: torch.dtype | None = None, device=None,
+                  strict: bool = True) -> tuple[dict[str, Adapter], dict[str, LoraConfig]]:
+    """Every adapter of a folder in PEFT's layout: ``({name: adapter}, {name: config})``.
+
+    ``"default"`` is the adapter at the root (if any), other names are the subfolders holding
+    an ``adapter_config.json``. The inverse of ``save_adapter(path, {name: adapter}, {name: config})``.
+
+    Example:
+        >>> import tempfile, torch, funclora as fl
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 2))
+        >>> config = fl.LoraConfig(target_modules=["0"], r=2)
+        >>> lora = fl.LoRA(model, config)
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     fl.save_adapter(folder, {"default": lora.init(), "french": lora.init()},
+        ...                     {"default": config, "french": config}, model=model)
+        ...     adapters, configs = fl.load_adapters(folder, model=model)
+        >>> sorted(adapters), configs["french"].r
+        (['default', 'french'], 2)
+    """
+    fn = "load_adapters"
+    folder = files.existing_folder(path, fn)
+    names = ([files.DEFAULT] if os.path.exists(os.path.join(folder, files.CONFIG_NAME)) else []) + \
+        [n for n in files.named_adapters(folder) if n != files.DEFAULT]
+    if not names:
+        raise FileNotFoundError(f"{fn}: {folder!r} holds no adapter ({files.CONFIG_NAME} at its root or in a "
+                                "subfolder).")
+    adapters, configs = {}, {}
+    for name in names:
+        adapters[name], configs[name] = load_adapter(folder, model=model, adapter_name=name, dtype=dtype,
+                                                     device=device, strict=strict)
+    return adapters, configs

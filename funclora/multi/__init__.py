@@ -1,0 +1,1 @@
+"""Many adapters at once: per-example routing (``route``) and mixing (``combine``)."""
