@@ -1,18 +1,50 @@
-"""The public surface is curated: this test pins it."""
+"""The public surface is curated: this test pins it, name by name."""
 
 import funclora as fl
+import funclora.distributed
+import funclora.io
+import funclora.rules
+
+PUBLIC = [
+    "AdapterFileError", "AdapterMismatchError", "Factor", "LayerGroup", "LoRA", "LoraConfig",
+    "MaterializationError", "ParameterRule", "PeftModel", "Plan", "Rule", "RuleCheckError", "Target",
+    "TargetNotFoundError", "TargetSuggestion", "UnsupportedModuleError", "distributed", "get_peft_model",
+    "load_adapter", "load_adapters", "register_rule", "rules", "save_adapter", "select", "stack", "strict",
+    "suggest_targets", "unregister_rule", "unstack",
+]
+MODULES = {
+    funclora.io: ["save_adapter", "load_adapter", "load_adapters", "read_config"],
+    funclora.distributed: ["all_reduce_grads", "broadcast_adapter", "fsdp_units", "sharded_forward"],
+    funclora.rules: ["Rule", "Factor", "ParameterRule", "LinearRule", "Conv1DRule", "EmbeddingRule", "ConvRule",
+                     "MultiheadAttentionRule", "OutputRule", "register_rule", "unregister_rule", "find_rule",
+                     "supported_types", "as_rule", "behaves_as_builtin", "overlay_is_builtin", "init_factor",
+                     "LoraParts", "lora_weight", "dense_delta"],
+}
 
 
 def test_all_is_pinned_and_sorted():
-    assert fl.__all__ == sorted(fl.__all__)
+    assert fl.__all__ == PUBLIC == sorted(PUBLIC)
     for name in fl.__all__:
         assert getattr(fl, name) is not None
-    assert {"LoRA", "LoraConfig", "get_peft_model", "stack", "unstack", "select", "register_rule",
-            "TargetNotFoundError", "UnsupportedModuleError", "AdapterMismatchError"} <= set(fl.__all__)
+
+
+def test_public_submodules_are_pinned():
+    for module, names in MODULES.items():
+        assert module.__all__ == names, module.__name__
+        for name in names:
+            assert getattr(module, name) is not None, f"{module.__name__}.{name}"
+
+
+def test_top_level_names_are_the_submodules_objects():
+    """One object per name: the façade, the io functions and the rule registry are not copies."""
+    assert fl.save_adapter is funclora.io.save_adapter and fl.load_adapter is funclora.io.load_adapter
+    assert fl.register_rule is funclora.rules.register_rule and fl.Rule is funclora.rules.Rule
+    assert fl.__version__ == "0.1.0"
 
 
 def test_errors_are_value_errors():
-    for error in (fl.TargetNotFoundError, fl.UnsupportedModuleError, fl.AdapterMismatchError):
+    for error in (fl.TargetNotFoundError, fl.UnsupportedModuleError, fl.AdapterMismatchError,
+                  fl.AdapterFileError, fl.RuleCheckError):
         assert issubclass(error, ValueError)
 
 
