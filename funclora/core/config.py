@@ -347,11 +347,11 @@ class LoraConfig:
             2
         """
         folder = os.path.join(path, subfolder) if subfolder else path
-        return read_config(folder, "LoraConfig.from_pretrained")
+        return read_config_folder(folder, "LoraConfig.from_pretrained")
 
 
 # --- adapter_config.json, and the custom rules an adapter file records ---------------------------
-def read_config(path, fn: str) -> LoraConfig:
+def read_config_folder(path, fn: str) -> LoraConfig:
     """The :class:`LoraConfig` of an adapter folder (``path`` or its only named adapter).
 
     Custom rules recorded in the folder's safetensors metadata are registered on the config

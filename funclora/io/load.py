@@ -8,8 +8,7 @@ import torch
 
 from .. import _files as files
 from ..core.bound import Adapter, Bound
-from ..core.config import LoraConfig, read_config_file
-from ..core.config import read_config as _read_config
+from ..core.config import LoraConfig, read_config_file, read_config_folder
 from ..core.registry import rules_in_metadata, with_rules
 from . import layout
 
@@ -22,7 +21,7 @@ def read_config(folder: str | os.PathLike) -> LoraConfig:
     Custom rules recorded in the folder's safetensors metadata are registered on the config
     when they can be imported; others must be registered by hand (``config.register_custom_module``).
     """
-    return _read_config(folder, "LoraConfig.from_pretrained")
+    return read_config_folder(folder, "LoraConfig.from_pretrained")
 
 
 def load_adapter(path: str | os.PathLike, *, model: torch.nn.Module | None = None,
