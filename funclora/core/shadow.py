@@ -136,6 +136,8 @@ class Shadower:
             late = any(parent >= i for i, step in enumerate(steps) for parent, _ in step.links)
             recipe = self._recipes[key] = steps, late or any(step.remaps for step in steps)
         steps, late = recipe
+        if not steps:  # nothing replaced, no flag forced: the model itself is the view
+            return self.model
         shadows: list[nn.Module] = []
         for module, links, params, buffers, remaps, forward, view in steps:  # hot path: kept lean
             src = module.__dict__
@@ -246,7 +248,8 @@ class Shadower:
                     f"{attr!r} (a {type(value).__name__}). funclora runs each call on its own view of the module "
                     "tree and cannot redirect such a reference, so that module would run with its own weights, "
                     "without the adapter. Keep submodules as attributes, in lists, dicts, bound methods or "
-                    "partial arguments (not inside a closure or a nested container); for torch.compile, pass "
+                    "partial arguments (not inside a closure, a set, a subclass of list / tuple / dict, or a nested "
+                    "container); for torch.compile, pass "
                     "the uncompiled model and compile the LoRA call (torch.compile(lora)) instead.")
         return tuple(out)
 
@@ -285,12 +288,18 @@ def _hides(value, chosen: set[int], seen: frozenset = frozenset()) -> bool:
                 inner.append(cell.cell_contents)
             except ValueError:  # an empty cell
                 continue
-    elif isinstance(value, (list, tuple, dict, set)):
-        return any((isinstance(v, (list, tuple, dict, set)) or not isinstance(v, nn.Module))
-                   and (_refers(v, chosen) or _hides(v, chosen, seen)) for v in _items(value))
+    elif isinstance(value, _CONTAINERS):
+        # only plain list / tuple / dict are redirected; a set, an OrderedDict, a namedtuple... hides its modules
+        redirected = type(value) in (list, tuple, dict)
+        return any((not redirected and isinstance(v, nn.Module) and id(v) in chosen)
+                   or ((isinstance(v, _CONTAINERS) or not isinstance(v, nn.Module))
+                       and (_refers(v, chosen) or _hides(v, chosen, seen))) for v in _items(value))
     else:
         return False
     return any(_refers(v, chosen) or _hides(v, chosen, seen) for v in inner)
+
+
+_CONTAINERS = (list, tuple, dict, set, frozenset)
 
 
 def _items(container):
