@@ -23,7 +23,7 @@ def test_fields_and_defaults_equal_peft():
 
 
 @pytest.mark.parametrize("field,value", [
-    ("use_dora", True), ("lora_bias", True), ("layer_replication", [[0, 1]]),
+    ("lora_bias", True), ("layer_replication", [[0, 1]]),
     ("loftq_config", {"loftq_bits": 4}), ("trainable_token_indices", [1, 2]),
     ("ensure_weight_tying", True), ("use_qalora", True),
 ])

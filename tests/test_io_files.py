@@ -109,7 +109,7 @@ def test_every_truncation_is_reported(tmp_path):
     ("{not json", fl.AdapterFileError, "is not valid JSON"),
     ("[1, 2]", fl.AdapterFileError, "must hold a JSON object, found list"),
     ('{"peft_type": "PREFIX_TUNING"}', fl.AdapterFileError, "is a 'PREFIX_TUNING' adapter"),
-    ('{"peft_type": "LORA", "use_dora": true}', fl.AdapterFileError, "use_dora=True"),
+    ('{"peft_type": "LORA", "use_qalora": true}', fl.AdapterFileError, "use_qalora=True"),
     ('{"peft_type": "LORA", "r": -1}', fl.AdapterFileError, "positive int"),
 ])
 def test_bad_config(tmp_path, content, error, what):

@@ -1,4 +1,4 @@
-"""The algebraic laws, with hypothesis over small random models, configs and ranks."""
+"""The algebraic laws, with hypothesis over small random models, configs and ranks, LoRA and DoRA."""
 
 import pytest
 import torch
@@ -24,7 +24,8 @@ def mlp_cases(draw):
     rest = [n for n in linear if n not in targets]
     saved = draw(st.lists(st.sampled_from(rest), unique=True)) if rest else []
     config = fl.LoraConfig(target_modules=targets, modules_to_save=saved or None, r=draw(st.integers(1, 6)),
-                           lora_alpha=draw(st.sampled_from([1, 4, 8, 16])), use_rslora=draw(st.booleans()))
+                           lora_alpha=draw(st.sampled_from([1, 4, 8, 16])), use_rslora=draw(st.booleans()),
+                           use_dora=draw(st.booleans()))
     x = torch.randn(draw(st.integers(1, 4)), sizes[0])
     return model, config, x
 
@@ -42,7 +43,7 @@ def conv_cases(draw):
     model = nn.Sequential(conv)
     r = groups * draw(st.integers(1, 3))
     x = torch.randn(2, cin, *([draw(st.integers(6, 9))] * dim))
-    return model, fl.LoraConfig(target_modules=["0"], r=r), x
+    return model, fl.LoraConfig(target_modules=["0"], r=r, use_dora=draw(st.booleans())), x
 
 
 cases = st.one_of(mlp_cases(), conv_cases())

@@ -28,11 +28,12 @@ LAYERS = {
 #: rank of each module inside core: a module imports only lower ranks
 CORE = {
     "_kinds": 0,
-    "lazy": 1, "pytree": 1, "shadow": 1,
+    "lazy": 1, "pytree": 1, "shadow": 1, "dora": 1,
+    "dora_forward": 2,
     "rules": 2,
     "quantized": 3,
     "registry": 4, "config_fields": 4,
-    "config": 5, "default_targets": 5, "suggest": 5,
+    "config": 5, "default_targets": 5, "suggest": 5, "target_checks": 5,
     "targeting": 6,
     "bound": 7,
     "forward": 8, "merge": 8,

@@ -17,8 +17,10 @@ from torch import nn
 
 from ..errors import AdapterMismatchError
 from .config import LoraConfig
+from .dora import magnitude_init, magnitude_shape, weight_norm
+from .dora_forward import dora_view, has_standard_forward
 from .lazy import linear_view
-from .quantized import OutputRule, output_view
+from .quantized import OutputRule, dequantized_weight, output_view
 from .registry import is_factored
 from .rules import Factor, init_factor
 from .shadow import Shadower
@@ -44,6 +46,17 @@ class LazyTarget(NamedTuple):
     module: nn.Module
 
 
+class DoraTarget(NamedTuple):
+    """A DoRA target: what the per-call view (or the merged-weight fallback) needs."""
+
+    name: str          # the weight's full parameter name
+    store: dict        # the owner's _parameters
+    leaf: str          # the weight's name in ``store``
+    module_path: str
+    kind: str          # as LoraParts.layout: "linear", "conv1d_t", "embedding", "conv"
+    view: type | None  # the DoRA view class, or None (a custom forward: the merged DoRA weight instead)
+
+
 class Bound:
     """``model`` + ``config``, resolved once (see the module docstring).
 
@@ -59,6 +72,7 @@ class Bound:
         lazy: ``{path: LazyTarget}`` for targets whose weight becomes a lazy ``LoraWeight``.
         linear_views: ``{path: (module path, view class)}`` for ``nn.Linear`` targets.
         output_views: ``{path: (module path, view class)}`` for quantized targets (QLoRA).
+        dora: ``{path: DoraTarget}`` for DoRA targets (``use_dora=True``).
         generic: ``((path, Target), ...)`` for every other target (the rule's own ``overlay``).
         replaced_names: ``((full name, path, leaf), ...)``: saved-module params and trained biases.
         rnn_paths: paths of ``nn.RNNBase`` modules (torch cannot vmap them).
@@ -102,18 +116,23 @@ class Bound:
     def _sort_targets(self) -> None:
         """Which forward path each target takes (see :mod:`funclora.core.forward`)."""
         targets = self.plan.targets
+        self.dora = {path: DoraTarget(f"{t.module_path}.weight", *self.slots[f"{t.module_path}.weight"], t.module_path,
+                                      t.rule.layout, dora_view(type(t.module))
+                                      if has_standard_forward(t.module, t.rule.layout) else None)
+                     for path, t in targets.items() if t.dora and not isinstance(t.rule, OutputRule)}
         self.lazy = {path: LazyTarget(f"{t.module_path}.weight", *self.slots[f"{t.module_path}.weight"],
                                       *t.rule.names, t.scaling, t.rule.layout, t.dropout,
                                       getattr(t.module, "groups", 1), t.module)
                      for path, t in targets.items()
-                     if is_factored(t.rule) and f"{t.module_path}.weight" in self.slots}
+                     if is_factored(t.rule) and not t.dora and f"{t.module_path}.weight" in self.slots}
         self.linear_views = {path: (targets[path].module_path, linear_view(type(spec.module)))
                              for path, spec in self.lazy.items()
                              if spec.layout == "linear" and type(spec.module).forward is nn.Linear.forward}
         self.output_views = {path: (t.module_path, output_view(type(t.module)))
                              for path, t in targets.items() if isinstance(t.rule, OutputRule)}
         self.generic: tuple[tuple[str, Target], ...] = tuple(
-            (path, t) for path, t in targets.items() if path not in self.lazy and path not in self.output_views)
+            (path, t) for path, t in targets.items()
+            if path not in self.lazy and path not in self.output_views and path not in self.dora)
         self.replaced_names = tuple([(f"{p}.{n}", p, n) for p, names in self.plan.saved.items() for n in names]
                                     + [(f"{p}.bias", p, "bias") for p in self.plan.biases])
 
@@ -126,10 +145,29 @@ class Bound:
             base_dtype, device = self.base_dtype_device(path)
             leaf_dtype = factor_dtype(base_dtype, dtype)
             adapter[path] = {leaf: init_factor(spec, t.r, how, generator, leaf_dtype, device)
-                             for leaf, spec in self.specs[path].items() if isinstance(spec, Factor)}
+                             for leaf, spec in self.specs[path].items() if isinstance(spec, Factor)
+                             and spec.role != "magnitude"}
+            if t.dora:  # PEFT's init: ‖W + s·BA‖ with the fresh factors, in the base dtype, then cast
+                adapter[path][_MAGNITUDE] = self._magnitude(path, adapter[path], leaf_dtype)
         for name, path, leaf in self.replaced_names:
             adapter.setdefault(path, {})[leaf] = self.model.get_parameter(name).detach().clone()
         return {p: adapter[p] for p in self.specs}
+
+    def _magnitude(self, path: str, factors: dict, leaf_dtype: torch.dtype) -> torch.Tensor:
+        """PEFT's initial DoRA magnitude ``‖W + s·BA‖`` (``‖W‖`` for a fresh ``B = 0``), in PEFT's shape.
+
+        When the factors have the base's dtype it is the forward's own norm, so a fresh adapter is
+        exactly the identity (PEFT's is too); over an fp16 / bf16 base it is rounded to the base
+        dtype first, as PEFT computes it before upcasting.
+        """
+        t = self.plan.targets[path]
+        weight, kind = self.dense_weight(path)
+        A, B = (factors[n] for n in t.rule.names)
+        groups = getattr(t.module, "groups", 1)
+        shape = self.specs[path][_MAGNITUDE].shape
+        if weight.dtype == leaf_dtype:
+            return weight_norm(weight, A, B, t.scaling, kind, groups=groups).reshape(shape)
+        return magnitude_init(weight, kind, A, B, t.scaling, groups=groups).to(device=A.device, dtype=leaf_dtype)
 
     def leaf_dtypes(self) -> dict[str, dict[str, torch.dtype]]:
         """``{path: {leaf: dtype}}`` that :meth:`init` gives by default."""
@@ -148,6 +186,13 @@ class Bound:
             return torch.float32, t.module.weight.device
         base = t.module.get_parameter(self.updated[path][0])
         return base.dtype, base.device
+
+    def dense_weight(self, path: str) -> tuple[torch.Tensor, str]:
+        """``(W, layout)`` of a target's base weight, detached (a quantized layer's: dequantized, new)."""
+        t = self.plan.targets[path]
+        if path in self.output_views:
+            return dequantized_weight(t.module), "linear"
+        return t.module.weight.detach(), t.rule.layout
 
     def on_meta(self, path: str) -> bool:
         """Whether the model's module under ``path`` has its parameters on the meta device."""
@@ -303,6 +348,9 @@ class Bound:
                 for p, leaves in self.specs.items()}
 
 
+#: the DoRA magnitude's leaf name (PEFT's: ``<path>.lora_magnitude_vector`` in files)
+_MAGNITUDE = "lora_magnitude_vector"
+
 #: dtype -> whether adapter leaves may have it (a dict lookup is the cheapest per-leaf test)
 _FLOATS = {d: True for d in (torch.float32, torch.float64, torch.float16, torch.bfloat16)}
 
@@ -313,6 +361,10 @@ def _specs(model: nn.Module, plan: Plan) -> tuple[dict, dict]:
     updated: dict[str, tuple[str, ...]] = {}
     for path, t in plan.targets.items():
         specs[path] = dict(t.rule.factors(t.module, t.r))
+        if t.dora:
+            shape = ((t.module.out_features,) if isinstance(t.rule, OutputRule) else
+                     magnitude_shape(tuple(t.module.weight.shape), t.rule.layout))
+            specs[path][_MAGNITUDE] = Factor(shape, "magnitude")
         updated[path] = tuple(t.rule.updated_parameters(t.module))
     for path, names in plan.saved.items():
         module = model.get_submodule(path)

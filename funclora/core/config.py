@@ -33,7 +33,6 @@ _UNSUPPORTED_DEFAULTS: dict[str, Any] = {
     "eva_config": None,
     "corda_config": None,
     "lora_ga_config": None,
-    "use_dora": False,
     "velora_config": None,
     "alora_invocation_tokens": None,
     "use_qalora": False,

@@ -16,6 +16,8 @@ once by :class:`~funclora.core.bound.Bound`:
   computes the factored linear without building the lazy weight;
 * ``lazy``: other built-in factored targets get a lazy ``LoraWeight`` (:mod:`funclora.core.lazy`);
 * ``output_views``: a quantized layer's view adds the branch to its output (QLoRA);
+* ``dora``: a DoRA layer's view computes PEFT's DoRA forward (:mod:`funclora.core.dora_forward`),
+  with the column norm factored; a layer with a forward of its own gets the merged DoRA weight;
 * ``generic``: the rule's own ``overlay``.
 
 While ``torch.compile`` traces, ``torch.func.functional_call`` stands in for the view (the
@@ -31,6 +33,8 @@ import torch
 from torch import nn
 
 from .bound import Adapter, Bound
+from .dora import merged_weight
+from .dora_forward import DoraParts
 from .lazy import LoraParts, lora_weight
 
 __all__ = ["forward", "bind", "training_mode", "overlay"]
@@ -132,8 +136,14 @@ def overlay(bound: Bound, adapter: Adapter, params, detach: bool = False, traini
         if views is None:  # torch.compile / an explicit overlay: no view to add the branch in
             t.rule.overlay(t.module, {}, adapter[path], t.scaling, path=path)  # raises, naming the layer
         dropout = t.dropout if (t.module.training if training is None else training) else 0.0
-        views[module_path] = cls, LoraParts(None, adapter[path]["lora_A"], adapter[path]["lora_B"],
-                                            t.scaling, "linear", dropout, path)
+        f = adapter[path]
+        if t.dora:
+            views[module_path] = cls, DoraParts(None, f["lora_A"], f["lora_B"], f["lora_magnitude_vector"], t.scaling,
+                                                "linear", dropout, 1, path)
+        else:
+            views[module_path] = cls, LoraParts(None, f["lora_A"], f["lora_B"], t.scaling, "linear", dropout, path)
+    for path, target in bound.dora.items():
+        _dora_overlay(bound, path, target, adapter[path], params, detach, training, views, out)
     for path, t in bound.generic:
         base = {n: bound.base(full, params) for n, full in bound.base_names[path]}
         if detach:
@@ -144,6 +154,31 @@ def overlay(bound: Bound, adapter: Adapter, params, detach: bool = False, traini
     for name, path, leaf in bound.replaced_names:  # modules_to_save and trained biases
         out[name] = adapter[path][leaf]
     return out
+
+
+def _dora_overlay(bound: Bound, path: str, target, factors: dict, params, detach: bool, training, views, out) -> None:
+    """A DoRA target's view (``views``), or its merged DoRA weight in ``out`` (no view: compile, a custom forward)."""
+    t = bound.plan.targets[path]
+    w = target.store[target.leaf] if params is None else bound.base(target.name, params)
+    if detach:
+        w = w.detach()
+    a, b = t.rule.names
+    train = t.module.training if training is None else training
+    dropout = t.dropout if train else 0.0
+    groups = getattr(t.module, "groups", 1)
+    if views is not None and target.view is not None:
+        views[target.module_path] = target.view, DoraParts(w, factors[a], factors[b], factors["lora_magnitude_vector"],
+                                                           t.scaling, target.kind, dropout, groups, path)
+        return
+    if dropout:
+        why = ("torch.compile traces a functional call" if views is None else
+               f"its class {type(t.module).__name__} has a forward of its own")
+        raise RuntimeError(
+            f"LoRA: the DoRA layer {path!r} cannot apply lora_dropout={t.dropout} here: {why}, so funclora can only "
+            "give it the merged DoRA weight, and PEFT's DoRA dropout is not a weight. Train it eagerly, with a "
+            "built-in layer class, or set lora_dropout=0.")
+    out[target.name] = merged_weight(w, factors[a], factors[b], factors["lora_magnitude_vector"], t.scaling,
+                                     target.kind, groups=groups)
 
 
 _NO_RNN_BATCHING = re.compile(r"Batching rule not implemented for (aten::\w*(?:lstm|gru|rnn)\w*)")

@@ -12,6 +12,11 @@ treated as PEFT treats them: the base weight is shared, the adapter is not.
   issue #2777. funclora's merged forward equals its unmerged one.)
 - ``unmerge`` returns the tied form again: one entry per tied group, under the name
   ``named_parameters()`` uses.
+
+DoRA targets: the update depends on the base weight, ``ΔW = m ⊙ (W + s·BA) / ‖W + s·BA‖ − W``,
+so ``merge`` forms it from the weights it merges into, and ``unmerge`` subtracts the update of
+the model's own weights (``W`` cannot be recovered from ``W'`` alone: every merged row has norm
+``|m_i|``; PEFT caches the norm instead). Grouped-conv DoRA layers cannot be merged (nor in PEFT).
 """
 
 from __future__ import annotations
@@ -19,16 +24,25 @@ from __future__ import annotations
 import torch
 
 from .bound import Adapter, Bound
+from .dora import dora_delta
 
 __all__ = ["delta", "merge", "unmerge"]
 
 
-def delta(bound: Bound, adapter: Adapter) -> dict[str, torch.Tensor]:
-    """``{param name: s·ΔW}`` for each adapted weight (see :meth:`funclora.LoRA.delta`)."""
+def delta(bound: Bound, adapter: Adapter, params: dict | None = None) -> dict[str, torch.Tensor]:
+    """``{param name: s·ΔW}`` for each adapted weight (see :meth:`funclora.LoRA.delta`); a DoRA
+    target's update is formed from its weight in ``params`` (default: the model's)."""
     bound.check(adapter)
     out = {}
     for path, t in bound.plan.targets.items():
         try:
+            if path in bound.dora:
+                f, target = adapter[path], bound.dora[path]
+                a, b = t.rule.names
+                w = bound.base(target.name, params)
+                out[target.name] = dora_delta(w, f[a], f[b], f["lora_magnitude_vector"], t.scaling,
+                                              target.kind, groups=getattr(t.module, "groups", 1))
+                continue
             deltas = t.rule.delta(t.module, adapter[path], t.scaling)
         except NotImplementedError as e:
             raise NotImplementedError(f"LoRA.merge: cannot form the update of {path!r}: {e}") from None
@@ -40,7 +54,7 @@ def merge(bound: Bound, adapter: Adapter, params: dict[str, torch.Tensor] | None
     """New params ``{name: W + s·ΔW}`` with saved modules and trained biases replaced."""
     base = dict(bound.model.named_parameters()) if params is None else dict(params)
     merged = dict(base)
-    deltas, replaced = delta(bound, adapter), bound.replaced(adapter)
+    deltas, replaced = delta(bound, adapter, base), bound.replaced(adapter)
     for names in bound.tied_groups(list(deltas) + list(replaced)).values():
         for name in names:  # spell out the twins: they keep W (see the module docstring)
             merged.setdefault(name, bound.base(name, base))

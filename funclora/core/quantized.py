@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .dora import dora_scale, weight_norm
+from .dora_forward import DoraParts, combine
 from .lazy import LoraParts, _add_product, _lora_a
 from .rules import Factor, LinearRule, Rule
 
@@ -73,7 +75,9 @@ class OutputRule(Rule):
 def output_view(cls: type) -> type:
     """The class of a call's view of a ``cls`` layer: its own forward, plus the LoRA branch.
 
-    The view's ``_view_state`` is the :class:`~funclora.core.lazy.LoraParts` (``base`` unused).
+    The view's ``_view_state`` is the :class:`~funclora.core.lazy.LoraParts` (``base`` unused),
+    or :class:`~funclora.core.dora_forward.DoraParts` for DoRA (``base`` unused: the norm comes
+    from the dequantized weight, as PEFT's, a temporary of the call).
     """
     view = _VIEWS.get(cls)
     if view is None:
@@ -93,6 +97,8 @@ def output_view(cls: type) -> type:
                 result = _int8_dequantized_linear(self, x)   # bitsandbytes' int8 Function cannot run under vmap
             else:
                 result = base_forward(self, x, *args, **kwargs)
+            if type(parts) is DoraParts:
+                return _dora_output(self, x, result, parts)
             if not torch.is_grad_enabled():  # inference: the update is added into the layer's fresh output
                 return _add_product(result, _lora_a(x, parts), parts.B, parts.scaling)
             update = F.linear(_lora_a(x, parts), parts.B) * parts.scaling   # PEFT's formula
@@ -110,6 +116,34 @@ _VIEWS: dict[type, type] = {}
 def _in_transform() -> bool:
     """Whether a torch.func transform (vmap, grad) is running."""
     return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def _dora_output(layer: nn.Module, x: torch.Tensor, result: torch.Tensor, p: DoraParts) -> torch.Tensor:
+    """PEFT's DoRA on a quantized linear (``peft.tuners.lora.bnb`` + ``DoraLinearLayer``): the layer's
+    output ``result`` rescaled per output channel by ``m / ‖W_deq + s·BA‖``, plus the scaled branch."""
+    weight = dequantized_weight(layer).to(p.A.dtype)
+    scale = dora_scale(p.magnitude, weight_norm(weight, p.A, p.B, p.scaling, "linear"))
+    x_dropped = F.dropout(x, p.dropout, True) if p.dropout else None
+    h = (x if x_dropped is None else x_dropped).to(p.A.dtype)
+    lora = F.linear(F.linear(h, p.A) * p.scaling, p.B)
+    base = result if layer.bias is None else result - layer.bias
+    dropped = None if x_dropped is None else F.linear(x_dropped.to(weight.dtype), weight)
+    return combine(result, base, lora, scale, base_dropped=dropped)
+
+
+def dequantized_weight(layer: nn.Module) -> torch.Tensor:
+    """The dense ``(out, in)`` weight of a quantized linear (bitsandbytes 4-/8-bit, torchao), a new tensor."""
+    weight = layer.weight
+    if type(weight).__name__ == "Params4bit":
+        import bitsandbytes.functional as bnb_functional
+
+        return bnb_functional.dequantize_4bit(weight.data, weight.quant_state)
+    if type(weight).__name__ == "Int8Params":
+        scales = weight.SCB if getattr(weight, "SCB", None) is not None else layer.state.SCB
+        return weight.data.to(torch.float32) * (scales.to(torch.float32)[:, None] / 127)
+    if hasattr(weight, "dequantize"):
+        return weight.dequantize()
+    return weight.detach()
 
 
 def _int8_dequantized_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:

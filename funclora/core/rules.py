@@ -26,7 +26,8 @@ class Factor:
     """One adapter leaf: its shape and how it is initialised.
 
     ``role`` is ``"A"`` (kaiming-uniform, or N(0, 1/r) for "gaussian"), ``"B"`` (zeros),
-    ``"embedding_A"`` (zeros) or ``"embedding_B"`` (N(0, 1)) — PEFT's init per role.
+    ``"embedding_A"`` (zeros) or ``"embedding_B"`` (N(0, 1)) — PEFT's init per role; DoRA's
+    ``"magnitude"`` (``lora_magnitude_vector``) is initialised from the base weight, as PEFT does.
 
     Example:
         >>> import torch, funclora as fl

@@ -19,13 +19,10 @@ from __future__ import annotations
 import difflib
 import math
 import re
-import sys
 import warnings
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from ..errors import TargetNotFoundError, UnsupportedModuleError
 from ._kinds import is_linear, is_pretrained, name_match
@@ -34,7 +31,8 @@ from .default_targets import default_targets
 from .quantized import for_quantized_weight
 from .registry import find_rule, supported_types
 from .suggest import suggest_targets
-from .rules import ParameterRule, Rule, overlay_is_builtin
+from .rules import ParameterRule, Rule
+from .target_checks import check_dense_weights, check_dora, check_not_parametrized
 
 __all__ = ["Target", "Plan", "make_plan"]
 
@@ -49,6 +47,7 @@ class Target:
         module, rule: that module and the :class:`~funclora.Rule` that adapts it.
         r, alpha, scaling: rank, ``lora_alpha`` and ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA).
         dropout: ``lora_dropout`` for this target (0 if its rule applies none).
+        dora: whether the target is DoRA (``use_dora=True``): a ``lora_magnitude_vector`` leaf too.
 
     Example:
         >>> import torch, funclora as fl
@@ -66,10 +65,12 @@ class Target:
     alpha: float = 8
     scaling: float = 1.0
     dropout: float = 0.0
+    dora: bool = False
 
     def __str__(self):
         kind = type(self.module).__name__
-        return f"{self.path}  {kind}  r={self.r} alpha={self.alpha:g} scaling={self.scaling:.4g}  {self.rule!r}"
+        dora = "  DoRA" if self.dora else ""
+        return f"{self.path}  {kind}  r={self.r} alpha={self.alpha:g} scaling={self.scaling:.4g}  {self.rule!r}{dora}"
 
 
 @dataclass(frozen=True)
@@ -194,53 +195,6 @@ def _not_found(model, config, spec, excluded) -> TargetNotFoundError:
     )
 
 
-def _check_not_parametrized(module: nn.Module, rule, path: str) -> None:
-    """LoRA adapts a weight stored as a plain parameter; a parametrized one is computed per call."""
-    names = [n for n in rule.updated_parameters(module) if parametrize.is_parametrized(module, n)]
-    if names:
-        raise UnsupportedModuleError(
-            f"LoRA: target {path!r} has a parametrized {names[0]!r} (torch.nn.utils.parametrize, e.g. "
-            "weight_norm or spectral_norm): it is computed on every call, not stored as a plain "
-            "parameter, so there is no weight for LoRA to adapt. Remove the parametrization first "
-            f"(torch.nn.utils.parametrize.remove_parametrizations(module, {names[0]!r})) or leave the "
-            "layer out (exclude_modules)."
-        )
-
-
-def _check_dense_weights(module: nn.Module, rule, path: str) -> None:
-    """A built-in rule adapts a dense floating-point weight; a quantized or packed one would be misread.
-
-    GPTQ / AWQ / HQQ layers and the like keep ``nn.Linear``'s class or a subclass, but their weight
-    is integer data (``int32`` / ``uint8`` / packed) or a tensor subclass that the layer's own
-    forward decodes. (bitsandbytes layers and torchao-quantized ``nn.Linear`` have an
-    :class:`~funclora.core.quantized.OutputRule` by now, whose overlay is not a built-in one.)
-    """
-    if not overlay_is_builtin(rule):
-        return  # a user rule reads the weights its own way
-    for name in rule.updated_parameters(module):
-        weight = module.get_parameter(name) if "." in name else getattr(module, name)
-        kind = type(weight)
-        plain = kind.__torch_dispatch__ is torch.Tensor.__torch_dispatch__ or _is_dtensor(weight)
-        if plain and weight.dtype.is_floating_point and weight.layout == torch.strided:
-            continue
-        what = f"a {kind.__module__}.{kind.__qualname__} of dtype {weight.dtype}"
-        raise UnsupportedModuleError(
-            f"LoRA: target {path!r} ({type(module).__module__}.{type(module).__qualname__}) stores its "
-            f"{name!r} as {what}, not as a dense floating-point tensor: it is quantized or packed "
-            "(bitsandbytes, torchao, GPTQ, AWQ, HQQ, ...), and funclora's built-in rules would misread "
-            "it. funclora's quantized rules cover bitsandbytes Linear4bit / Linear8bitLt and torchao-quantized "
-            "nn.Linear only: leave the layer out "
-            "(exclude_modules), load the model unquantized, or register a rule for "
-            f"{type(module).__qualname__} (fl.register_rule) whose overlay adds the LoRA branch its own way."
-        )
-
-
-def _is_dtensor(t) -> bool:
-    """A DTensor (an FSDP2 shard of a dense weight), without importing torch.distributed."""
-    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
-    return dtensor is not None and isinstance(t, dtensor)
-
-
 def make_plan(model: nn.Module, config: LoraConfig) -> Plan:
     """Resolve ``config`` against ``model`` once: which modules get LoRA, which are saved."""
     spec = _resolve_target_modules(model, config)
@@ -279,11 +233,13 @@ class _TargetMaker:
         r = pattern_value(path, config.rank_pattern, config.r, self.used_rank)
         alpha = pattern_value(path, config.alpha_pattern, config.lora_alpha, self.used_alpha)
         rule.check(module, r, path)
-        _check_not_parametrized(module, rule, path)
-        _check_dense_weights(module, rule, path)
+        check_not_parametrized(module, rule, path)
+        check_dense_weights(module, rule, path)
         scaling = alpha / math.sqrt(r) if config.use_rslora else alpha / r
         dropout = float(config.lora_dropout) if rule.supports_dropout else 0.0
-        return Target(path, module_path, module, rule, r, alpha, scaling, dropout)
+        if config.use_dora:
+            check_dora(module, rule, path)
+        return Target(path, module_path, module, rule, r, alpha, scaling, dropout, config.use_dora)
 
     def warn_unused_patterns(self) -> None:
         for name, patterns, used in (("rank_pattern", self.config.rank_pattern, self.used_rank),

@@ -189,7 +189,7 @@ def parse_keys(stripped: dict, config: LoraConfig, file: str, strict: bool, fn: 
         parts = key.split(".")
         if len(parts) >= 2 and parts[-1] == "weight" and parts[-2] in ("lora_A", "lora_B"):
             lead, leaf = parts[:-2], parts[-2]
-        elif parts[-1] in ("lora_embedding_A", "lora_embedding_B"):
+        elif parts[-1] in ("lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"):
             lead, leaf = parts[:-1], parts[-1]
         else:
             lead = None

@@ -23,6 +23,10 @@ The SVD never forms a dense product larger than needed: ``D = [c_i B_i] @ [A_i]`
 by two QR decompositions and an SVD of an ``(n·r) × (n·r)`` core, which gives the same singular
 triplets as ``torch.linalg.svd(D)``.
 
+DoRA adapters: the factors mix as above and the magnitudes linearly, ``m = Σ w_i·m_i``, so one
+adapter with weight 1 comes back unchanged (the result is not ``Σ w_i·ΔW_i``: DoRA's update is not
+linear in the adapter). PEFT accepts DoRA here but resets every magnitude to ``‖W‖`` (peft#3761).
+
 modules_to_save and trained biases (dense parameters) are mixed as task vectors:
 ``θ = θ_base + Σ w_i (θ_i − θ_base)`` (PEFT 0.21 refuses: "Cannot add weighted adapters if they
 target the same module with modules_to_save").
@@ -223,6 +227,8 @@ def combine(bound, adapters, weights, *, method: str = "svd", rank: int | None =
         for a_leaf, b_leaf, experts in _pairs(t):
             leaves[a_leaf], leaves[b_leaf] = _mix_pair(
                 [ad[path][a_leaf] for ad in adapters], [ad[path][b_leaf] for ad in adapters], c, method, experts, t.r, k)
+        if t.dora:  # DoRA: the magnitudes mix linearly (PEFT resets them to ‖W‖, peft#3761)
+            leaves["lora_magnitude_vector"] = sum(wi * ad[path]["lora_magnitude_vector"] for wi, ad in zip(w, adapters))
         new[path] = leaves
         ranks[path] = k
     model = bound.model

@@ -190,8 +190,8 @@ def _as_index(index, n: int, device) -> torch.Tensor:
 
 
 def _routable(target) -> bool:
-    """A target whose rule behaves as the built-in Linear / Conv1D / Embedding / Conv rule."""
-    return behaves_as_builtin(target.rule, *_ROUTABLE)
+    """A (non-DoRA) target whose rule behaves as the built-in Linear / Conv1D / Embedding / Conv rule."""
+    return not target.dora and behaves_as_builtin(target.rule, *_ROUTABLE)
 
 
 def route(bound, stacked: dict, index, args: tuple, kwargs: dict, *, call):
