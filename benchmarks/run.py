@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import copy
 import gc
 import json
@@ -203,6 +204,12 @@ def _gpt2(hidden, layers, seq, batch, vocab) -> Workload:
                          f"seq {seq}, batch {batch}, LoRA r=8 on c_attn/c_proj/c_fc")
 
 
+def _dora(wl: Workload) -> Workload:
+    """The same workload with DoRA (``use_dora=True``) on both sides."""
+    return dataclasses.replace(wl, name=f"dora_{wl.name}", lora={**wl.lora, "use_dora": True},
+                               metrics=("train", "infer", "memory"), note=wl.note + "; DoRA (use_dora=True)")
+
+
 def _tiny() -> Workload:
     def build():
         return nn.Sequential(*[nn.Linear(8, 8) for _ in range(4)])
@@ -240,7 +247,9 @@ def workloads(device: str, quick: bool, dtype: str) -> list[Workload]:
         if lm_dtype != torch.float32:  # also with half-precision factors: the branch then runs on tensor cores
             out.insert(1, _llama(*shape, base_dtype_factors=True))
         return out
-    out = [_tiny(), _mlp(64), _mlp(1024), pool, llama, llama_ckpt, llama_all, gpt2, *qlora]
+    mlp64 = _mlp(64)
+    dora = [_dora(w) for w in (mlp64, pool, llama)]
+    out = [_tiny(), mlp64, _mlp(1024), pool, llama, llama_ckpt, llama_all, gpt2, *qlora, *dora]
     if quick:  # compile and the memory subprocesses only where they are cheap
         for w in out:
             if w.name != "mlp_b64":
@@ -257,7 +266,7 @@ def _is_factor(leaf: str) -> bool:
 
 def _peft_key(path: str, leaf: str) -> str:
     prefix = f"base_model.model.{path}"
-    if leaf in ("lora_A", "lora_B"):
+    if leaf in ("lora_A", "lora_B", "lora_magnitude_vector"):
         return f"{prefix}.{leaf}.default.weight"
     if leaf in ("lora_embedding_A", "lora_embedding_B"):
         return f"{prefix}.{leaf}.default"
