@@ -67,14 +67,14 @@ from .ops import checked_leaves
 from .rules import _BUILTIN, _USER, ParameterRule, Rule
 from .targeting import _list_match, _pattern_value
 
-__all__ = ["save_adapter", "load_adapter", "load_adapters", "read_config"]
+__all__ = ["save_adapter", "load_adapter", "load_adapters", "read_config", "read_base_weights"]
 
 Adapter = dict  # {path: {leaf: Tensor}}
 
 
 def save_adapter(path: str | os.PathLike, adapter: Adapter, config: LoraConfig | Mapping | None = None, *,
                  model: torch.nn.Module | None = None, lora: LoRA | None = None,
-                 adapter_name: str = files.DEFAULT) -> None:
+                 adapter_name: str = files.DEFAULT, base_weights: Mapping[str, torch.Tensor] | None = None) -> None:
     """Write ``adapter`` as PEFT's ``adapter_model.safetensors`` + ``adapter_config.json``.
 
     Args:
@@ -87,6 +87,9 @@ def save_adapter(path: str | os.PathLike, adapter: Adapter, config: LoraConfig |
         model, lora: the model the adapter is for (or its :class:`LoRA`). Recommended: shapes are
             checked, and the file gets the resolved target list, per-module ranks and the nesting
             of several ``target_parameters`` on one module (see the module docstring).
+        base_weights: ``{parameter name: Tensor}`` of the model's input / output embedding to write
+            beside the adapter, at PEFT's keys (PEFT's ``save_embedding_layers``); needs ``model`` or
+            ``lora``. See :func:`read_base_weights`.
 
     All files are written atomically: on any error the folder keeps its previous files,
     byte-identical, and no temporary file remains.
@@ -114,10 +117,12 @@ def save_adapter(path: str | os.PathLike, adapter: Adapter, config: LoraConfig |
             names = sorted(adapter) if isinstance(adapter, Mapping) else type(adapter).__name__
             raise TypeError(f"{fn}: several adapters need `adapter` and `config` as dicts with the same names; "
                             f"got adapters {names} and configs {sorted(config)}.")
+        if base_weights:
+            raise TypeError(f"{fn}: base_weights= goes with one adapter, not several.")
         jobs = [(files.subfolder(path, name, fn), adapter[name], config[name], None) for name in config]
     else:
         jobs = [(files.subfolder(path, adapter_name, fn), adapter, config, lora)]
-    prepared = [_prepare(folder, a, c, model, lo, fn) for folder, a, c, lo in jobs]
+    prepared = [_prepare(folder, a, c, model, lo, fn, base_weights) for folder, a, c, lo in jobs]
     writes = files.AtomicWrites()
     try:
         for folder, tensors, metadata, text in prepared:
@@ -130,7 +135,7 @@ def save_adapter(path: str | os.PathLike, adapter: Adapter, config: LoraConfig |
         writes.cleanup()
 
 
-def _prepare(folder, adapter, config, model, lora, fn):
+def _prepare(folder, adapter, config, model, lora, fn, base_weights=None):
     """Everything to write for one adapter, validated before any file is touched."""
     if lora is None and model is not None:
         if not isinstance(config, LoraConfig):
@@ -167,9 +172,52 @@ def _prepare(folder, adapter, config, model, lora, fn):
             t = t.contiguous().clone()
         seen.add(t.untyped_storage().data_ptr())
         tensors[layout.PREFIX + key] = t
+    if base_weights:
+        tensors.update(_base_weight_tensors(base_weights, lora, fn))
     meta = {"version": _version(), "custom_rules": _custom_rules(lora, config)}
     metadata = {"format": "pt", "funclora": json.dumps(meta, sort_keys=True)}
     return folder, tensors, metadata, _config_text(config, lora)
+
+
+def _base_weight_tensors(base_weights, lora: LoRA | None, fn: str) -> dict[str, torch.Tensor]:
+    """``{PEFT file key: tensor}`` for base weights written beside the adapter (save_embedding_layers)."""
+    if lora is None:
+        raise TypeError(f"{fn}: base_weights= needs model= (or lora=): PEFT's key of a base weight depends on "
+                        "whether its module carries LoRA.")
+    keys = {name: key for key, name in layout.base_weight_keys(lora).items()}
+    out = {}
+    for name, value in base_weights.items():
+        if name not in keys:
+            raise ValueError(f"{fn}: base_weights[{name!r}] is not a parameter of the model's input / output "
+                             f"embedding; PEFT's files carry only those ({sorted(keys)}).")
+        want = tuple(lora.model.get_parameter(name).shape)
+        if tuple(value.shape) != want:
+            raise AdapterMismatchError(f"{fn}: base_weights[{name!r}] has shape {tuple(value.shape)} but the model's "
+                                       f"{name} has {want}.")
+        out[layout.PREFIX + keys[name]] = value.detach().to("cpu").contiguous().clone()
+    return out
+
+
+def _split_base_weights(stripped: dict, lora: LoRA, file: str, fn: str) -> dict[str, torch.Tensor]:
+    """Take PEFT's saved base weights out of ``stripped`` (in place): ``{parameter name: tensor}``.
+
+    The adapter does not hold them; when they differ from the model's own, a warning says where
+    they are used (PEFT loads them into its model).
+    """
+    keys = layout.base_weight_keys(lora)
+    found = {keys[k]: stripped.pop(k) for k in list(stripped) if k in keys}
+    differ = []
+    for name, value in found.items():
+        own = lora.model.get_parameter(name)
+        if own.shape != value.shape or not torch.equal(own.detach().cpu(), value.to(own.dtype)):
+            differ.append(name)
+    if differ:
+        warnings.warn(f"{fn}: {file!r} also holds base weights of the model ({differ}: PEFT's save_embedding_layers, "
+                      "e.g. after resize_token_embeddings) that differ from the model's own; PEFT's model uses the "
+                      "file's. The adapter returned here does not carry them: fl.PeftModel.from_pretrained applies "
+                      "them, or pass them as params (funclora.io.read_base_weights) to lora.apply.",
+                      UserWarning, stacklevel=3)
+    return found
 
 
 def _check_pytree(adapter, fn):
@@ -415,6 +463,7 @@ def load_adapter(path: str | os.PathLike, *, model: torch.nn.Module | None = Non
             lora = LoRA(model, config)
         except ValueError as e:
             raise type(e)(f"{fn}: the config of {folder!r} does not fit the model: {e}") from None
+        _split_base_weights(stripped, lora, file, fn)
         adapter = layout.match_keys(stripped, lora, file, strict, fn)
         if dtype is None:  # as PEFT: the file's values land in leaves of the dtypes init() gives
             want = lora.leaf_dtypes()
@@ -424,6 +473,43 @@ def load_adapter(path: str | os.PathLike, *, model: torch.nn.Module | None = Non
         adapter = {p: {leaf: t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else None)
                        for leaf, t in leaves.items()} for p, leaves in adapter.items()}
     return adapter, config
+
+
+def read_base_weights(path: str | os.PathLike, *, model: torch.nn.Module, config: LoraConfig | None = None,
+                      adapter_name: str | None = None, device=None) -> dict[str, torch.Tensor]:
+    """The base weights a PEFT folder carries beside its adapter: ``{parameter name: Tensor}``.
+
+    PEFT's ``save_pretrained(save_embedding_layers=...)`` writes the model's input / output
+    embedding weights too (always when ``target_modules`` names ``embed_tokens`` / ``lm_head``, and
+    after ``resize_token_embeddings``), and its ``from_pretrained`` loads them into the model. To get
+    PEFT's outputs, run with them: ``lora.apply({**dict(model.named_parameters()), **base}, adapter, x)``
+    (:meth:`funclora.PeftModel.from_pretrained` does this for you). Empty when the folder has none.
+
+    Example:
+        >>> import tempfile, torch, funclora as fl
+        >>> from funclora.io import read_base_weights
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 2))
+        >>> lora = fl.LoRA(model, fl.LoraConfig(target_modules=["0"], r=2))
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     fl.save_adapter(folder, lora.init(), lora=lora)
+        ...     read_base_weights(folder, model=model)       # a model without embeddings: nothing
+        {}
+    """
+    fn = "read_base_weights"
+    folder = files.adapter_folder(path, adapter_name, fn)
+    if config is None:
+        config = files.read_config_file(folder, fn)
+    tensors, meta = files.read_weights(folder, fn)
+    config = _with_rules(config, _rules_in(meta, os.path.join(folder, files.WEIGHTS_NAME), fn), required=True,
+                         file=os.path.join(folder, files.WEIGHTS_NAME), fn=fn)
+    keys = layout.base_weight_keys(LoRA(model, config))
+    stripped = layout.strip_prefix(tensors)
+    out = {}
+    for key, name in keys.items():
+        if key in stripped:
+            own = model.get_parameter(name)
+            out[name] = stripped[key].to(device=own.device if device is None else device, dtype=own.dtype)
+    return out
 
 
 def load_adapters(path: str | os.PathLike, *, model: torch.nn.Module | None = None,
