@@ -257,6 +257,9 @@ class PeftModel(nn.Module):
             raise NotImplementedError("PeftModel.generate: adapter_names= with an encoder-decoder model is not "
                                       "supported (its encoder runs outside the routed forward); generate each "
                                       "group of rows with its own façade.")
+        if "forward" in vars(self._model):
+            raise NotImplementedError(f"PeftModel.generate: adapter_names= cannot route a model whose instance has "
+                                      f"its own `forward` ({type(self._model).__name__}, e.g. an accelerate hook).")
         beams = kwargs.get("num_beams")
         index = self._route_index(adapter_names, beams if isinstance(beams, int) and beams > 1 else 1)
         stacked = self._base_and_adapter()

@@ -123,3 +123,34 @@ def test_unknown_attributes_come_from_the_base_model_without_changing_it():
     peft_model.add_model_tags(["a", "b"])
     assert peft_model.model_tags == ["a", "b"] and not hasattr(model, "model_tags")
     assert_unchanged(before, model)
+
+
+def test_a_forward_set_on_the_facade_instance_runs_with_the_adapter():
+    """accelerate wraps ``model.forward`` (autocast), TRL replaces it (fused LM head): such a forward runs
+    with the call's view of the model as ``self``, so the adapter applies and the model stays untouched."""
+    import functools
+    from types import MethodType
+
+    model = MLP(64)
+    before = snapshot(model)
+    peft_model, _ = _train_facade(model, steps=3)
+    X, _ = make_data(8)
+    want = peft_model(X)
+    calls = []
+    plain = type(peft_model).forward
+
+    @functools.wraps(plain)
+    def wrapped(self, *args, **kwargs):  # accelerate-style: wraps the façade's own forward
+        calls.append(type(self).__name__)
+        return plain(self, *args, **kwargs)
+
+    peft_model.forward = MethodType(wrapped, peft_model)
+    torch.testing.assert_close(peft_model(X), want)
+
+    def head(self, x):  # TRL-style: written for the model, reads its submodules
+        return self.seq(x)
+
+    peft_model.forward = MethodType(head, peft_model)
+    torch.testing.assert_close(peft_model(X), want)
+    assert calls == ["MLP"]
+    assert_unchanged(before, model)
