@@ -41,7 +41,7 @@ def _shape(device: str, quick: bool) -> dict:
     if device.startswith("cuda"):
         return dict(hidden=2048, layers=8, seq=512, batch=8, vocab=32000, steps=12, rounds=4)
     if quick:
-        return dict(hidden=256, layers=2, seq=64, batch=4, vocab=4096, steps=12, rounds=6)
+        return dict(hidden=256, layers=2, seq=64, batch=4, vocab=4096, steps=20, rounds=10)
     return dict(hidden=512, layers=4, seq=128, batch=8, vocab=8192, steps=12, rounds=6)
 
 

@@ -99,11 +99,14 @@ class PeftModel(nn.Module):
         trainable = bool(is_trainable) and not config.inference_mode  # PEFT: inference_mode freezes the adapter
         self.adapters = _Node()
         self._leaves: list[tuple[str, str, str]] = []  # (path, leaf, parameter name)
+        self._slots: list[tuple[str, str, dict, str]] = []  # (path, leaf, owning node's _parameters, key)
         for path, leaves in adapter.items():
             for leaf, tensor in leaves.items():
                 name = f"{path}.{leaf}"
-                _attach(self.adapters, name, nn.Parameter(tensor.detach().clone(), requires_grad=trainable))
+                node, key = _attach(self.adapters, name, nn.Parameter(tensor.detach().clone(),
+                                                                       requires_grad=trainable))
                 self._leaves.append((path, leaf, name))
+                self._slots.append((path, leaf, node._parameters, key))
         self._disabled = False
         self._checkpointing: _Checkpointing | None = None
         self._base_weights: dict[str, torch.Tensor] = {}  # base weights a PEFT folder carried (embeddings)
@@ -154,8 +157,8 @@ class PeftModel(nn.Module):
         {'0': {'lora_A': (2, 4), 'lora_B': (8, 2)}}
         """
         out: dict = {}
-        for path, leaf, name in self._leaves:
-            out.setdefault(path, {})[leaf] = self.adapters.get_parameter(name)
+        for path, leaf, params, key in self._slots:  # the nodes' own dicts: current after .to() / load_state_dict
+            out.setdefault(path, {})[leaf] = params[key]
         return out
 
     @property
@@ -407,9 +410,9 @@ class PeftModel(nn.Module):
         def is_embedding(path: str) -> bool:
             return path in self.lora.plan.saved and isinstance(self._model.get_submodule(path), nn.Embedding)
 
-        count = sum(p.numel() for path, leaf, name in self._leaves
-                    for p in (self.adapters.get_parameter(name),)
-                    if (p.requires_grad or not only_trainable) and not (exclude_embeddings and is_embedding(path)))
+        count = sum(params[key].numel() for path, _, params, key in self._slots
+                    if (params[key].requires_grad or not only_trainable)
+                    and not (exclude_embeddings and is_embedding(path)))
         if only_trainable:
             return count
         if callable(getattr(type(self._model), "num_parameters", None)):
@@ -779,7 +782,7 @@ def _detached(adapter: dict) -> dict:
     return {p: {leaf: t.detach() for leaf, t in leaves.items()} for p, leaves in adapter.items()}
 
 
-def _attach(root: nn.Module, name: str, param: nn.Parameter) -> None:
+def _attach(root: nn.Module, name: str, param: nn.Parameter) -> tuple[nn.Module, str]:
     *parents, last = name.split(".")
     node = root
     for part in parents:
@@ -787,6 +790,7 @@ def _attach(root: nn.Module, name: str, param: nn.Parameter) -> None:
             node.add_module(part, _Node())
         node = node._modules[part]
     node.register_parameter(last, param)
+    return node, last
 
 
 def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default", mixed: bool = False,
