@@ -3,7 +3,8 @@
 Both sides run the same ``Trainer`` (AdamW, linear schedule, batch from a ``datasets.Dataset``)
 on two copies of one Llama-like model holding the same non-zero adapter; funclora's side is
 ``fl.get_peft_model`` in ``funclora.trainer.Trainer``, PEFT's ``peft.get_peft_model`` in
-``transformers.Trainer``. A callback times each optimizer step (``on_step_begin`` to
+``transformers.Trainer``. The model runs in its own dtype (fp32 on CPU, bf16 on CUDA; fp32 factors),
+without ``Trainer``'s autocast (``bf16=False``). A callback times each optimizer step (``on_step_begin`` to
 ``on_step_end``: forward, backward, clipping, optimizer and scheduler step); rounds alternate the
 two sides (funclora first, then PEFT first, ...); the first step of every round is a warm-up and
 dropped; the row reports the median step time (``ratio`` = funclora / PEFT, lower is better, as in
@@ -104,7 +105,7 @@ def trainer_rows(device: str = "cpu", quick: bool = True, dtype: torch.dtype | N
     out = tempfile.mkdtemp()
     args = transformers.TrainingArguments(
         out, per_device_train_batch_size=s["batch"], max_steps=s["steps"], logging_steps=1, report_to="none",
-        save_strategy="no", disable_tqdm=True, learning_rate=1e-4, use_cpu=not cuda, bf16=dtype == torch.bfloat16,
+        save_strategy="no", disable_tqdm=True, learning_rate=1e-4, use_cpu=not cuda, bf16=False,
         dataloader_num_workers=0, seed=0)
     sides = {"funclora": (FlTrainer, ours), "peft": (transformers.Trainer, theirs)}
     steps = {name: [] for name in sides}
