@@ -86,3 +86,71 @@ def test_disable_adapter_and_modes():
     assert not model.training  # the façade's mode is used for its calls only
     peft_model.eval()
     assert not peft_model.training
+
+
+def test_facade_class_carries_the_base_forward_signature():
+    """transformers' Trainer reads the forward signature from the class (find_labels, column pruning)."""
+    import inspect
+
+    model = MLP(64)
+    peft_model = fl.get_peft_model(model, fl.LoraConfig(**CONFIG))
+    assert isinstance(peft_model, fl.PeftModel) and type(peft_model).__name__ == "PeftModel[MLP]"
+    assert inspect.signature(type(peft_model).forward) == inspect.signature(type(model).forward)
+    assert type(fl.get_peft_model(MLP(64), fl.LoraConfig(**CONFIG))) is type(peft_model)  # one class per base class
+    assert repr(peft_model).startswith("PeftModel(")
+    X, _ = make_data(4)
+    torch.testing.assert_close(peft_model(X), fl.LoRA(model, fl.LoraConfig(**CONFIG))(
+        {p: {k: v.detach() for k, v in ls.items()} for p, ls in peft_model.adapter.items()}, X))
+
+
+def test_named_children_name_parameters_as_named_parameters_does():
+    """Trainer's weight-decay groups walk named_children and match named_parameters."""
+    from transformers.trainer_pt_utils import get_parameter_names
+
+    peft_model = fl.get_peft_model(MLP(64), fl.LoraConfig(**CONFIG))
+    names = [n for n, _ in peft_model.named_parameters()]
+    assert get_parameter_names(peft_model, [], ["bias"]) == [n for n in names if not n.endswith("bias")]
+    peft_model.to(torch.float64)  # .to / .train still reach every adapter parameter
+    assert {p.dtype for p in peft_model.parameters()} == {torch.float64}
+
+
+def test_unknown_attributes_come_from_the_base_model_without_changing_it():
+    model = MLP(64)
+    model.note = "mine"
+    before = snapshot(model)
+    peft_model = fl.get_peft_model(model, fl.LoraConfig(**CONFIG))
+    assert peft_model.note == "mine" and peft_model.seq is model.seq
+    peft_model.add_model_tags(["a", "b"])
+    assert peft_model.model_tags == ["a", "b"] and not hasattr(model, "model_tags")
+    assert_unchanged(before, model)
+
+
+def test_a_forward_set_on_the_facade_instance_runs_with_the_adapter():
+    """accelerate wraps ``model.forward`` (autocast), TRL replaces it (fused LM head): such a forward runs
+    with the call's view of the model as ``self``, so the adapter applies and the model stays untouched."""
+    import functools
+    from types import MethodType
+
+    model = MLP(64)
+    before = snapshot(model)
+    peft_model, _ = _train_facade(model, steps=3)
+    X, _ = make_data(8)
+    want = peft_model(X)
+    calls = []
+    plain = type(peft_model).forward
+
+    @functools.wraps(plain)
+    def wrapped(self, *args, **kwargs):  # accelerate-style: wraps the façade's own forward
+        calls.append(type(self).__name__)
+        return plain(self, *args, **kwargs)
+
+    peft_model.forward = MethodType(wrapped, peft_model)
+    torch.testing.assert_close(peft_model(X), want)
+
+    def head(self, x):  # TRL-style: written for the model, reads its submodules
+        return self.seq(x)
+
+    peft_model.forward = MethodType(head, peft_model)
+    torch.testing.assert_close(peft_model(X), want)
+    assert calls == ["MLP"]
+    assert_unchanged(before, model)

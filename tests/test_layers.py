@@ -21,8 +21,9 @@ LAYERS = {
     "core": 2,
     "multi": 3, "distributed": 3, "io": 3,
     "lora": 4, "rules": 4,
+    "peft_transformers": 4.5, "peft_folders": 4.6,
     "peft_compat": 5,
-    "testing": 6, "demo": 6,
+    "testing": 6, "demo": 6, "trainer": 6,
     "__init__": 7, "__main__": 7,
 }
 #: rank of each module inside core: a module imports only lower ranks

@@ -9,7 +9,7 @@ nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
 NOTEBOOKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "notebooks")
-NAMES = ["01_mlp", "02_timm", "03_transformers", "04_custom_layer", "05_many_adapters", "06_qlora"]
+NAMES = ["01_mlp", "02_timm", "03_transformers", "04_custom_layer", "05_many_adapters", "06_qlora", "07_trainer"]
 
 # What each story must show when it runs (a line of its text output), besides its plots.
 EXPECTED = {
@@ -24,6 +24,8 @@ EXPECTED = {
     "05_many_adapters": ["route == one adapter per example: True", "funclora route"],
     "06_qlora": ["PEFT's q_proj: peft.tuners.lora.bnb.Linear4bit", "equal to PEFT: True",
                  "the quantized model is unchanged: True"],
+    "07_trainer": ["eval_loss fell: True", "PEFT reads the folder: True", "the adapter knows the colours: True",
+                   "reloaded == trained: True", "the base model is unchanged: True"],
 }
 
 

@@ -148,12 +148,12 @@ class Bound:
                              for leaf, spec in self.specs[path].items() if isinstance(spec, Factor)
                              and spec.role != "magnitude"}
             if t.dora:  # PEFT's init: ‖W + s·BA‖ with the fresh factors, in the base dtype, then cast
-                adapter[path][_MAGNITUDE] = self._magnitude(path, adapter[path], leaf_dtype)
+                adapter[path][_MAGNITUDE] = self.initial_magnitude(path, adapter[path], leaf_dtype)
         for name, path, leaf in self.replaced_names:
             adapter.setdefault(path, {})[leaf] = self.model.get_parameter(name).detach().clone()
         return {p: adapter[p] for p in self.specs}
 
-    def _magnitude(self, path: str, factors: dict, leaf_dtype: torch.dtype) -> torch.Tensor:
+    def initial_magnitude(self, path: str, factors: dict, leaf_dtype: torch.dtype | None = None) -> torch.Tensor:
         """PEFT's initial DoRA magnitude ``‖W + s·BA‖`` (``‖W‖`` for a fresh ``B = 0``), in PEFT's shape.
 
         When the factors have the base's dtype it is the forward's own norm, so a fresh adapter is
@@ -163,6 +163,7 @@ class Bound:
         t = self.plan.targets[path]
         weight, kind = self.dense_weight(path)
         A, B = (factors[n] for n in t.rule.names)
+        leaf_dtype = A.dtype if leaf_dtype is None else leaf_dtype
         groups = getattr(t.module, "groups", 1)
         shape = self.specs[path][_MAGNITUDE].shape
         if weight.dtype == leaf_dtype:

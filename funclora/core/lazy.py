@@ -181,12 +181,13 @@ def _add_product(out: torch.Tensor, h: torch.Tensor, B: torch.Tensor, s) -> torc
 
     When ``out`` has the factors' dtype this is one fused ``addmm``: in place on ``out`` when
     that is allowed and ``out`` is 2-D or nothing needs gradients (then on a 2-D view), else out
-    of place. Otherwise (fp32 factors over a bf16 base), and while torch.compile traces (inductor
+    of place. Otherwise (fp32 factors over a bf16 base, or under ``torch.autocast``, which makes
+    ``h`` bf16 while ``B`` stays fp32), and while torch.compile traces (inductor
     fuses the plain ops), ``_plus(out, (s·h)@Bᵀ)``; in place without gradients, ``s`` rides on
     the add (``out.add_(h@Bᵀ, alpha=s)``: one kernel fewer).
     """
     in_place = _in_place(out)
-    if out.dtype != h.dtype or (not in_place and torch.compiler.is_compiling()):
+    if out.dtype != h.dtype or h.dtype != B.dtype or (not in_place and torch.compiler.is_compiling()):
         if in_place and not _needs_grad(h, B):
             return out.add_(F.linear(h, B), alpha=s)
         return _plus(out, F.linear(_scaled(h, s), B))

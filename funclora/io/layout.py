@@ -89,6 +89,37 @@ def targets_from_bound(bound: Bound) -> dict[str, FileTarget]:
     return out
 
 
+def base_weight_keys(bound: Bound) -> dict[str, str]:
+    """``{file key: model parameter name}`` for the base weights PEFT saves beside an adapter.
+
+    PEFT's ``save_embedding_layers`` writes the parameters of the model's input / output
+    embedding (``get_input_embeddings`` / ``get_output_embeddings``): as ``<path>.base_layer.<name>``
+    when the module carries LoRA, else as ``<path>.<name>``. Keys the adapter itself uses (a saved
+    module, a trained bias) are not base weights.
+    """
+    layers = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            layers.append(getattr(bound.model, getter)())
+        except (AttributeError, NotImplementedError, TypeError):  # not a transformers model, or no such layer
+            pass
+    layers = [m for m in layers if isinstance(m, torch.nn.Module)]
+    if not layers:
+        return {}
+    ids = {id(m) for m in layers}
+    targeted = {t.module_path for t in bound.plan.targets.values() if t.path == t.module_path}
+    adapter_keys = set(key_map(bound.shapes(), targets_from_bound(bound)).values())
+    out = {}
+    for path, module in bound.model.named_modules():
+        if id(module) not in ids or not path:
+            continue
+        for leaf, _ in module.named_parameters(recurse=False):
+            key = f"{path}.base_layer.{leaf}" if path in targeted else f"{path}.{leaf}"
+            if key not in adapter_keys:
+                out[key] = f"{path}.{leaf}"
+    return out
+
+
 def module_targeted(path: str, config: LoraConfig) -> bool:
     """Whether ``target_modules`` names ``path`` (``"all-linear"`` / ``None``: yes, unless only
     parameters are targeted)."""

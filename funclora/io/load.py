@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
@@ -12,7 +13,7 @@ from ..core.config import LoraConfig, read_config_file, read_config_folder
 from ..core.registry import rules_in_metadata, with_rules
 from . import layout
 
-__all__ = ["load_adapter", "load_adapters", "read_config"]
+__all__ = ["load_adapter", "load_adapters", "read_config", "read_base_weights"]
 
 
 def read_config(folder: str | os.PathLike) -> LoraConfig:
@@ -85,6 +86,7 @@ def load_adapter(path: str | os.PathLike, *, model: torch.nn.Module | None = Non
             bound = Bound(model, config)
         except ValueError as e:
             raise type(e)(f"{fn}: the config of {folder!r} does not fit the model: {e}") from None
+        _split_base_weights(stripped, bound, file, fn)
         adapter = layout.match_keys(stripped, bound, file, strict, fn)
         if dtype is None:  # as PEFT: the file's values land in leaves of the dtypes init() gives
             want = bound.leaf_dtypes()
@@ -94,6 +96,65 @@ def load_adapter(path: str | os.PathLike, *, model: torch.nn.Module | None = Non
         adapter = {p: {leaf: t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else None)
                        for leaf, t in leaves.items()} for p, leaves in adapter.items()}
     return adapter, config
+
+
+def _split_base_weights(stripped: dict, bound: Bound, file: str, fn: str) -> dict[str, torch.Tensor]:
+    """Take PEFT's saved base weights out of ``stripped`` (in place): ``{parameter name: tensor}``.
+
+    The adapter does not hold them; when they differ from the model's own, a warning says where
+    they are used (PEFT loads them into its model).
+    """
+    keys = layout.base_weight_keys(bound)
+    found = {keys[k]: stripped.pop(k) for k in list(stripped) if k in keys}
+    differ = []
+    for name, value in found.items():
+        own = bound.model.get_parameter(name)
+        if own.shape != value.shape or not torch.equal(own.detach().cpu(), value.to(own.dtype)):
+            differ.append(name)
+    if differ:
+        warnings.warn(f"{fn}: {file!r} also holds base weights of the model ({differ}: PEFT's save_embedding_layers, "
+                      "e.g. after resize_token_embeddings) that differ from the model's own; PEFT's model uses the "
+                      "file's. The adapter returned here does not carry them: fl.PeftModel.from_pretrained applies "
+                      "them, or pass them as params (funclora.io.read_base_weights) to lora.apply.",
+                      UserWarning, stacklevel=3)
+    return found
+
+
+def read_base_weights(path: str | os.PathLike, *, model: torch.nn.Module, config: LoraConfig | None = None,
+                      adapter_name: str | None = None, device=None) -> dict[str, torch.Tensor]:
+    """The base weights a PEFT folder carries beside its adapter: ``{parameter name: Tensor}``.
+
+    PEFT's ``save_pretrained(save_embedding_layers=...)`` writes the model's input / output
+    embedding weights too (always when ``target_modules`` names ``embed_tokens`` / ``lm_head``, and
+    after ``resize_token_embeddings``), and its ``from_pretrained`` loads them into the model. To get
+    PEFT's outputs, run with them: ``lora.apply({**dict(model.named_parameters()), **base}, adapter, x)``
+    (:meth:`funclora.PeftModel.from_pretrained` does this for you). Empty when the folder has none.
+
+    Example:
+        >>> import tempfile, torch, funclora as fl
+        >>> from funclora.io import read_base_weights
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 2))
+        >>> lora = fl.LoRA(model, fl.LoraConfig(target_modules=["0"], r=2))
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     fl.save_adapter(folder, lora.init(), lora=lora)
+        ...     read_base_weights(folder, model=model)       # a model without embeddings: nothing
+        {}
+    """
+    fn = "read_base_weights"
+    folder = files.adapter_folder(path, adapter_name, fn)
+    if config is None:
+        config = read_config_file(folder, fn)
+    file = os.path.join(folder, files.WEIGHTS_NAME)
+    tensors, meta = files.read_weights(folder, fn)
+    config = with_rules(config, rules_in_metadata(meta, file, fn), required=True, file=file, fn=fn)
+    keys = layout.base_weight_keys(Bound(model, config))
+    stripped = layout.strip_prefix(tensors)
+    out = {}
+    for key, name in keys.items():
+        if key in stripped:
+            own = model.get_parameter(name)
+            out[name] = stripped[key].to(device=own.device if device is None else device, dtype=own.dtype)
+    return out
 
 
 def load_adapters(path: str | os.PathLike, *, model: torch.nn.Module | None = None,

@@ -26,7 +26,7 @@ __all__ = ["save_adapter"]
 
 def save_adapter(path: str | os.PathLike, adapter: Adapter, config: LoraConfig | Mapping | None = None, *,
                  model: torch.nn.Module | None = None, lora=None,
-                 adapter_name: str = files.DEFAULT) -> None:
+                 adapter_name: str = files.DEFAULT, base_weights: Mapping[str, torch.Tensor] | None = None) -> None:
     """Write ``adapter`` as PEFT's ``adapter_model.safetensors`` + ``adapter_config.json``.
 
     Args:
@@ -39,6 +39,9 @@ def save_adapter(path: str | os.PathLike, adapter: Adapter, config: LoraConfig |
         model, lora: the model the adapter is for (or its :class:`LoRA`). Recommended: shapes are
             checked, and the file gets the resolved target list, per-module ranks and the nesting
             of several ``target_parameters`` on one module (see the module docstring).
+        base_weights: ``{parameter name: Tensor}`` of the model's input / output embedding to write
+            beside the adapter, at PEFT's keys (PEFT's ``save_embedding_layers``); needs ``model`` or
+            ``lora``. See :func:`~funclora.io.read_base_weights`.
 
     All files are written atomically: on any error the folder keeps its previous files,
     byte-identical, and no temporary file remains.
@@ -66,10 +69,12 @@ def save_adapter(path: str | os.PathLike, adapter: Adapter, config: LoraConfig |
             names = sorted(adapter) if isinstance(adapter, Mapping) else type(adapter).__name__
             raise TypeError(f"{fn}: several adapters need `adapter` and `config` as dicts with the same names; "
                             f"got adapters {names} and configs {sorted(config)}.")
+        if base_weights:
+            raise TypeError(f"{fn}: base_weights= goes with one adapter, not several.")
         jobs = [(files.subfolder(path, name, fn), adapter[name], config[name], None) for name in config]
     else:
         jobs = [(files.subfolder(path, adapter_name, fn), adapter, config, _bound_of(lora, fn))]
-    prepared = [_prepare(folder, a, c, model, b, fn) for folder, a, c, b in jobs]
+    prepared = [_prepare(folder, a, c, model, b, fn, base_weights) for folder, a, c, b in jobs]
     writes = files.AtomicWrites()
     try:
         for folder, tensors, metadata, text in prepared:
@@ -92,7 +97,7 @@ def _bound_of(lora, fn: str) -> Bound | None:
     return bound
 
 
-def _prepare(folder, adapter, config, model, bound: Bound | None, fn):
+def _prepare(folder, adapter, config, model, bound: Bound | None, fn, base_weights=None):
     """Everything to write for one adapter, validated before any file is touched."""
     if bound is None and model is not None:
         if not isinstance(config, LoraConfig):
@@ -129,9 +134,30 @@ def _prepare(folder, adapter, config, model, bound: Bound | None, fn):
             t = t.contiguous().clone()
         seen.add(t.untyped_storage().data_ptr())
         tensors[layout.PREFIX + key] = t
+    if base_weights:
+        tensors.update(_base_weight_tensors(base_weights, bound, fn))
     meta = {"version": __version__, "custom_rules": _custom_rules(bound, config)}
     metadata = {"format": "pt", "funclora": json.dumps(meta, sort_keys=True)}
     return folder, tensors, metadata, _config_text(config, bound)
+
+
+def _base_weight_tensors(base_weights, bound: Bound | None, fn: str) -> dict[str, torch.Tensor]:
+    """``{PEFT file key: tensor}`` for base weights written beside the adapter (save_embedding_layers)."""
+    if bound is None:
+        raise TypeError(f"{fn}: base_weights= needs model= (or lora=): PEFT's key of a base weight depends on "
+                        "whether its module carries LoRA.")
+    keys = {name: key for key, name in layout.base_weight_keys(bound).items()}
+    out = {}
+    for name, value in base_weights.items():
+        if name not in keys:
+            raise ValueError(f"{fn}: base_weights[{name!r}] is not a parameter of the model's input / output "
+                             f"embedding; PEFT's files carry only those ({sorted(keys)}).")
+        want = tuple(bound.model.get_parameter(name).shape)
+        if tuple(value.shape) != want:
+            raise AdapterMismatchError(f"{fn}: base_weights[{name!r}] has shape {tuple(value.shape)} but the model's "
+                                       f"{name} has {want}.")
+        out[layout.PREFIX + keys[name]] = value.detach().to("cpu").contiguous().clone()
+    return out
 
 
 def _check_pytree(adapter, fn):
