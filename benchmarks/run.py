@@ -887,6 +887,19 @@ def main(argv=None):
             emit(row(wl.name, "error", None, None, "-", note=traceback.format_exc().strip().splitlines()[-1]))
         print(f"  [{wl.name}] done in {time.perf_counter() - start:.1f} s "
               f"(total {budget.elapsed():.0f} s)", flush=True)
+    if not args.only or "trainer" in args.only:  # transformers' Trainer step, façade vs PEFT (benchmarks/trainer_row.py)
+        print("[trainer] transformers Trainer on a Llama-like model: funclora.trainer.Trainer + fl.get_peft_model "
+              "vs transformers.Trainer + peft.get_peft_model", flush=True)
+        notes.append("trainer: one Trainer optimizer step (forward, backward, clip, AdamW, schedule), median")
+        try:
+            sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+            from trainer_row import trainer_rows
+
+            for r in trainer_rows(args.device, args.quick):
+                emit(r)
+        except Exception:  # noqa: BLE001 - as for the workloads
+            traceback.print_exc()
+            emit(row("trainer", "error", None, None, "-", note=traceback.format_exc().strip().splitlines()[-1]))
     print()
     print(machine)
     print(f"mode: {mode}, device {args.device}; ratio = funclora / PEFT (lower is better)")
