@@ -209,11 +209,13 @@ def test_factored_norm_equals_peft_norm(name):
     leaves = _randomize(layer, kind)
     with torch.no_grad():
         theirs = _peft_norm(layer, kind, module.weight, leaves["A"], leaves["B"], s)
-    ours = dora.weight_norm(module.weight, leaves["A"], leaves["B"], s, kind, groups=_groups(module))
-    torch.testing.assert_close(ours, theirs, atol=0, rtol=1e-5)
+    ours = dora.weight_norm(module.weight, leaves["A"], leaves["B"], s, kind, groups=_groups(module), dense_max=0)
+    torch.testing.assert_close(ours, theirs, atol=0, rtol=1e-5)   # the factored form
     base_sq = dora.base_sq_norm(module.weight, kind)
     torch.testing.assert_close(dora.weight_norm(module.weight, leaves["A"], leaves["B"], s, kind,
-                                                groups=_groups(module), base_sq=base_sq), ours)
+                                                groups=_groups(module), base_sq=base_sq, dense_max=0), ours)
+    small = dora.weight_norm(module.weight, leaves["A"], leaves["B"], s, kind, groups=_groups(module))
+    torch.testing.assert_close(small, theirs, atol=0, rtol=1e-6)   # a small weight's dense form
     torch.testing.assert_close(dora.dense_weight_norm(module.weight, leaves["A"], leaves["B"], s, kind,
                                                       groups=_groups(module)), theirs, atol=0, rtol=1e-6)
 
@@ -233,8 +235,8 @@ def test_ill_conditioned_rows_are_repaired(t):
     W, A, B, s = _ill_conditioned(40, 64, 6, t, bad_rows=dora.REPAIR_ROWS)
     truth = (W.double() + s * B.double() @ A.double()).norm(dim=1)
     peft_like = (W + s * (B @ A)).norm(dim=1)
-    ours = dora.weight_norm(W, A, B, s, "linear")
-    unrepaired = dora.weight_norm(W, A, B, s, "linear", repair_rows=0)
+    ours = dora.weight_norm(W, A, B, s, "linear", dense_max=0)   # the factored path (small weights go dense)
+    unrepaired = dora.weight_norm(W, A, B, s, "linear", repair_rows=0, dense_max=0)
     peft_error = ((peft_like.double() - truth) / truth).abs().max()
     assert ((ours.double() - truth) / truth).abs().max() <= max(1e-6, 3 * peft_error)
     # vs PEFT's fp32 dense norm: ≤ 1e-5 where PEFT's own error allows it (at t = 0.999 two dense
@@ -248,9 +250,9 @@ def test_more_bad_rows_than_repair_rows_need_a_larger_budget():
     W, A, B, s = _ill_conditioned(40, 64, 6, 0.99, bad_rows=30)
     truth = (W.double() + s * B.double() @ A.double()).norm(dim=1)
     peft_error = (((W + s * (B @ A)).norm(dim=1).double() - truth) / truth).abs().max()
-    ours = dora.weight_norm(W, A, B, s, "linear", repair_rows=40)
+    ours = dora.weight_norm(W, A, B, s, "linear", repair_rows=40, dense_max=0)
     assert ((ours.double() - truth) / truth).abs().max() <= max(1e-6, 3 * peft_error)
-    default = dora.weight_norm(W, A, B, s, "linear")
+    default = dora.weight_norm(W, A, B, s, "linear", dense_max=0)
     assert ((default.double() - truth) / truth).abs().max() > 1e-5  # the documented limit
 
 
@@ -426,8 +428,8 @@ def test_law_output_is_linear_in_the_magnitude(problem, c):
 @given(problem=linear_problems())
 def test_law_factored_norm_equals_dense(problem):
     kind, W, A, B, s, g = problem
-    torch.testing.assert_close(dora.weight_norm(W, A, B, s, kind), dora.dense_weight_norm(W, A, B, s, kind),
-                               atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(dora.weight_norm(W, A, B, s, kind, dense_max=0),
+                               dora.dense_weight_norm(W, A, B, s, kind), atol=1e-6, rtol=1e-5)
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -441,7 +443,9 @@ def test_law_grouped_conv_factored_norm_equals_peft_layout(groups, per_group_in,
     # PEFT's _DoraConvNdLayer.get_lora_weight, written out
     lw = torch.mm(B.view(-1, r), A.view(r, -1)).reshape(W.shape)
     peft = (W + 0.5 * lw).flatten(1).norm(dim=1)
-    torch.testing.assert_close(dora.weight_norm(W, A, B, 0.5, "conv", groups=groups), peft, atol=1e-6, rtol=1e-5)
+    for dense_max in (0, dora.DENSE_MAX):
+        torch.testing.assert_close(dora.weight_norm(W, A, B, 0.5, "conv", groups=groups, dense_max=dense_max), peft,
+                                   atol=1e-6, rtol=1e-5)
 
 
 # --- quantized base (bitsandbytes, CPU) ------------------------------------------------------------

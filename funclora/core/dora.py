@@ -63,6 +63,9 @@ KINDS = ("linear", "conv1d_t", "embedding", "conv")
 REPAIR_RATIO = 0.1
 #: at most this many rows per call are recomputed densely (a fixed count: no host sync, vmap-safe)
 REPAIR_ROWS = 16
+#: a weight of at most this many elements gets its norm densely (``W + s·BA`` is then a small
+#: temporary, 1 MiB in fp32, and the dense form takes fewer ops than the expansion and its repair)
+DENSE_MAX = 1 << 18
 
 
 def _check_kind(kind: str, fn: str) -> None:
@@ -139,7 +142,7 @@ def dense_weight_norm(weight, A, B, scaling, kind: str, *, groups: int = 1) -> t
 
 
 def weight_norm(weight, A, B, scaling, kind: str, *, groups: int = 1, base_sq=None,
-                repair_rows: int = REPAIR_ROWS) -> torch.Tensor:
+                repair_rows: int = REPAIR_ROWS, dense_max: int = DENSE_MAX) -> torch.Tensor:
     """``‖W_i + s·(BA)_i‖`` per row (PEFT's DoRA norm), factored; detached. ``(rows,)``.
 
     Args:
@@ -151,12 +154,14 @@ def weight_norm(weight, A, B, scaling, kind: str, *, groups: int = 1, base_sq=No
         base_sq: ``base_sq_norm(weight, kind)`` if precomputed (saves a pass over ``W``).
         repair_rows: how many of the worst-conditioned rows are recomputed densely when their
             factored ``norm²`` is below ``REPAIR_RATIO·(‖W_i‖² + ‖s·(BA)_i‖²)``; 0 disables.
+        dense_max: weights of at most this many elements take the dense form (0: always factored).
 
     Returns:
         ``(rows,)`` in the promoted dtype of ``W``, ``A``, ``B`` (PEFT's forward dtype).
 
     Cost: ``W Aᵀ`` (``rows·cols·r``) plus ``r``-sized work, against PEFT's dense ``B@A``, sum,
-    square and reduce over ``rows × cols``; no ``rows × cols`` temporary.
+    square and reduce over ``rows × cols``; no ``rows × cols`` temporary. A weight of at most
+    :data:`DENSE_MAX` elements takes the dense form instead (fewer ops, exact).
 
     Example:
         >>> W, A, B = torch.randn(6, 5), torch.randn(2, 5), torch.randn(6, 2)
@@ -167,12 +172,19 @@ def weight_norm(weight, A, B, scaling, kind: str, *, groups: int = 1, base_sq=No
     dtype = torch.promote_types(weight.dtype, torch.promote_types(A.dtype, B.dtype))
     W3, Bp, Ab = _blocks(weight.detach().to(dtype), A.detach().to(dtype), B.detach().to(dtype), kind, groups)
     P, g = W3.shape[0], W3.shape[1]
+    if W3.shape[-3:].numel() <= dense_max:  # small: the dense row norms (exact; as PEFT, minus its eye trick)
+        dense = (W3[:, 0] + scaling * (Bp @ Ab[0])) if g == 1 else W3 + scaling * torch.einsum("pr,qrc->pqc", Bp, Ab)
+        return torch.linalg.vector_norm(dense, dim=-1).reshape(-1)
+    gram = Ab @ Ab.transpose(-2, -1)                                    # (g, r, r)  A Aᵀ
     if g == 1:
         u = (W3[:, 0] @ Ab[0].transpose(-2, -1)).unsqueeze(1)          # (P, 1, r)  W_i Aᵀ
-        BG = (Bp @ (Ab[0] @ Ab[0].transpose(-2, -1))).unsqueeze(1)     # (P, 1, r)  B_i A Aᵀ
+        BG = (Bp @ gram[0]).unsqueeze(1)                                # (P, 1, r)  B_i A Aᵀ
+        BG_abs = (Bp.abs() @ gram[0].abs()).unsqueeze(1)
     else:
         u = torch.einsum("pqc,qrc->pqr", W3, Ab)
-        BG = torch.einsum("pr,qrt->pqt", Bp, Ab @ Ab.transpose(-2, -1))
+        BG = torch.einsum("pr,qrt->pqt", Bp, gram)
+        BG_abs = torch.einsum("pr,qrt->pqt", Bp.abs(), gram.abs())
+    B_abs = Bp.abs().unsqueeze(1)
     cross = (u * Bp.unsqueeze(1)).sum(-1)                               # (P, g)
     quad = (BG * Bp.unsqueeze(1)).sum(-1)                               # (P, g)  ‖(BA)_i‖²
     if base_sq is None:
@@ -180,7 +192,9 @@ def weight_norm(weight, A, B, scaling, kind: str, *, groups: int = 1, base_sq=No
     c = base_sq.detach().to(dtype).reshape(P, g)
     s = scaling
     sq = (c + (2 * s) * cross + (s * s) * quad).reshape(-1)
-    size = (c + (s * s) * quad).reshape(-1)                             # ≥ |each term|: the scale of the sum
+    # the scale of the terms summed (absolute values): a row whose norm² is small next to it has lost
+    # digits to cancellation, between W and the update or inside B_i·A itself
+    size = (c + (2 * abs(s)) * (u.abs() * B_abs).sum(-1) + (s * s) * (BG_abs * B_abs).sum(-1)).reshape(-1)
     if repair_rows > 0:
         sq = _repair(sq, size, W3, Bp, Ab, s, min(repair_rows, sq.shape[0]))
     return sq.clamp_min(0).sqrt()
