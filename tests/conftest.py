@@ -19,6 +19,21 @@ def random_adapter(lora, scale=0.1, seed=0, dtype=None):
             for p, leaves in adapter.items()}
 
 
+class TiedLM(torch.nn.Module):
+    """A language model whose lm_head shares the input embedding's weight (tied weights)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(7, 4)
+        self.body = torch.nn.Linear(4, 4)
+        self.lm_head = torch.nn.Linear(4, 7, bias=False)
+        self.lm_head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.lm_head(self.body(self.embed(ids)))
+
+
 @pytest.fixture
 def mlp():
     from funclora.demo import MLP

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import funclora as fl
-from conftest import assert_unchanged, snapshot
+from conftest import TiedLM, assert_unchanged, snapshot
 from funclora.core.bound import Bound, factor_dtype
 from funclora.core.quantized import OutputRule
 from funclora.core.rules import Factor, LinearRule, MultiheadAttentionRule
@@ -115,17 +115,6 @@ def test_a_linear_rule_subclass_with_its_own_delta_is_generic():
 
 
 # --- tied and shared weights ------------------------------------------------------------------
-class TiedLM(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.embed = nn.Embedding(7, 4)
-        self.body = nn.Linear(4, 4)
-        self.lm_head = nn.Linear(4, 7, bias=False)
-        self.lm_head.weight = self.embed.weight
-
-    def forward(self, ids):
-        return self.lm_head(self.body(self.embed(ids)))
 
 
 def test_alias_and_owners_of_tied_weights():

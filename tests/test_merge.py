@@ -8,7 +8,7 @@ from torch import nn
 from torch.func import functional_call
 
 import funclora as fl
-from conftest import assert_unchanged, random_adapter, snapshot
+from conftest import TiedLM, assert_unchanged, random_adapter, snapshot
 from funclora.core.bound import Bound
 from funclora.core.forward import forward
 from funclora.core.merge import delta, merge, unmerge
@@ -156,17 +156,6 @@ def test_merge_rounds_once_into_the_base_dtype():
 
 
 # --- tied weights -----------------------------------------------------------------------------
-class TiedLM(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.embed = nn.Embedding(7, 4)
-        self.body = nn.Linear(4, 4)
-        self.lm_head = nn.Linear(4, 7, bias=False)
-        self.lm_head.weight = self.embed.weight
-
-    def forward(self, ids):
-        return self.lm_head(self.body(self.embed(ids)))
 
 
 @pytest.mark.parametrize("targets, adapted, twin", [
