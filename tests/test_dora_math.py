@@ -477,7 +477,7 @@ def test_nf4_base_equals_peft_with_the_layer_output_as_base():
         s = lora_layer.scaling["default"]
         scale = dora.dora_scale(leaves["m"], dora.weight_norm(W, leaves["A"], leaves["B"], s, "linear"))
         lora = torch.nn.functional.linear(torch.nn.functional.linear(x, leaves["A"]) * s, leaves["B"])
-        ours = dora_forward.combine(quantized(x), quantized(x) - quantized.bias, lora, scale)
+        ours = dora_forward.combine(quantized(x), lora * scale, scale, quantized.bias)
     torch.testing.assert_close(ours, theirs, **TOL)
 
 

@@ -20,29 +20,35 @@ __all__ = ["combine", "linear_forward", "conv1d_t_forward", "embedding_forward",
            "DoraParts", "dora_view", "has_standard_forward"]
 
 
-def combine(result: torch.Tensor, base: torch.Tensor, lora: torch.Tensor, scale: torch.Tensor, *,
+def combine(result: torch.Tensor, lora: torch.Tensor, scale: torch.Tensor, bias=None, *,
             base_dropped=None) -> torch.Tensor:
-    """PEFT's DoRA output: ``result + ((scale − 1)·base + scale·lora)``, in ``result``'s dtype.
+    """PEFT's DoRA output, ``result + (scale − 1)·(result − bias) + scale·s·B(A(h))``, in ``result``'s dtype.
 
     Args:
         result: the base layer's output on ``x``, with its bias (``F.linear(x, W, b)``).
-        base: the same without the bias (``result − b``).
-        lora: ``s·B(A(h))`` with ``h = x``, or ``h = dropout(x)`` when dropout is active.
+        lora: the branch with the scale folded into ``B``: ``s·(scale ⊙ B)(A(h))``, ``h = x`` or
+            ``dropout(x)`` (a per-channel factor on the small ``B``, not a pass over the output).
         scale: :func:`~funclora.core.dora.dora_scale` shaped to broadcast against ``result``
-            (``(out,)`` for Linear, ``(out, 1, …)`` for convs).
+            (``(out,)`` for Linear, ``(out, 1, …)`` for convs); ``bias`` likewise, or None.
         base_dropped: when dropout is active (training and ``p > 0``): the base op without bias
-            on ``dropout(x)``, which takes ``base``'s place (PEFT's ``DoraLinearVariant.forward``
+            on ``dropout(x)``, which takes ``result − bias``'s place (PEFT's ``DoraLinearVariant.forward``
             sets ``base_result=None`` and ``DoraLinearLayer.forward`` recomputes ``F.linear(drop(x), W)``).
 
-    With ``scale = 1`` and ``lora = 0`` (a fresh adapter) this is ``result`` exactly, as in PEFT.
+    Two passes over the output (``scale·result + (lora + (1 − scale)·bias)``, one ``addcmul``); with
+    ``scale = 1`` and ``lora = 0`` (a fresh adapter) this is ``result`` exactly, as in PEFT.
     """
-    update = (scale - 1) * (base if base_dropped is None else base_dropped) + scale * lora
-    out = result + update
+    dtype = torch.promote_types(result.dtype, lora.dtype)
+    full = result if result.dtype == dtype else result.to(dtype)
+    if base_dropped is not None:
+        out = full + torch.addcmul(lora, scale - 1, base_dropped.to(dtype))
+    else:
+        out = torch.addcmul(lora if bias is None else lora + (1 - scale) * bias.to(dtype), scale, full)
     return out if out.dtype == result.dtype else out.to(result.dtype)
 
 
-def _without_bias(result: torch.Tensor, bias) -> torch.Tensor:
-    return result if bias is None else result - bias
+def _scaled_rows(B: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``scale ⊙ B``: each output channel's row of ``B`` (``(out, r, *1)``) times its factor."""
+    return B * scale.reshape(-1, *(1,) * (B.dim() - 1))
 
 
 def linear_forward(x, weight, bias, A, B, magnitude, scaling, *, x_dropped=None, norm=None,
@@ -71,11 +77,11 @@ def linear_forward(x, weight, bias, A, B, magnitude, scaling, *, x_dropped=None,
     h = x if x_dropped is None else x_dropped
     if h.dtype != A.dtype:
         h = h.to(A.dtype)
-    lora = F.linear(F.linear(h, A) * scaling, B)
+    lora = F.linear(F.linear(h, A) * scaling, _scaled_rows(B, scale))
     if result is None:
         result = F.linear(x, weight, bias)
     dropped = None if x_dropped is None else F.linear(x_dropped.to(weight.dtype), weight)
-    return combine(result, _without_bias(result, bias), lora, scale, base_dropped=dropped)
+    return combine(result, lora, scale, bias, base_dropped=dropped)
 
 
 def conv1d_t_forward(x, weight, bias, A, B, magnitude, scaling, *, x_dropped=None, norm=None,
@@ -104,14 +110,14 @@ def embedding_forward(ids, weight, A, B, magnitude, scaling, *, padding_idx=None
         norm = weight_norm(weight, A, B, scaling, "embedding", base_sq=base_sq)
     scale = dora_scale(magnitude, norm)
     rows = F.embedding(ids, A.transpose(-2, -1), padding_idx)
-    lora = F.linear(rows * scaling, B)
+    lora = F.linear(rows * scaling, _scaled_rows(B, scale))
     if embed_scale is not None:
         lora = lora * embed_scale
     if base_out is None:
         base_out = F.embedding(ids, weight, padding_idx)
         if embed_scale is not None:
             base_out = base_out * embed_scale
-    return (base_out + lora) * scale
+    return combine(base_out, lora, scale)
 
 
 def conv_forward(x, weight, bias, A, B, magnitude, scaling, *, stride=1, padding=0, dilation=1, groups=1,
@@ -140,14 +146,15 @@ def conv_forward(x, weight, bias, A, B, magnitude, scaling, *, stride=1, padding
     h = x if x_dropped is None else x_dropped
     if h.dtype != A.dtype:
         h = h.to(A.dtype)
-    lora = conv(conv(h, A, None, stride, padding, dilation, 1) * scaling, B, None, 1, 0, 1, groups)
+    lora = conv(conv(h, A, None, stride, padding, dilation, 1) * scaling, _scaled_rows(B, scale), None, 1, 0, 1,
+                groups)
     b = None if bias is None else bias.reshape(-1, *ones)
     if result is None:
         result = conv(x, weight, bias, stride, padding, dilation, groups)
     dropped = result_dropped
     if x_dropped is not None and dropped is None:
         dropped = conv(x_dropped.to(weight.dtype), weight, None, stride, padding, dilation, groups)
-    return combine(result, _without_bias(result, b), lora, scale, base_dropped=dropped)
+    return combine(result, lora, scale, b, base_dropped=dropped)
 
 
 # --- the call's view of a DoRA layer -----------------------------------------------------------
@@ -209,8 +216,9 @@ def _view_forward(self, x, *args, **kwargs):
                                 result=result)
     dropped = None
     if x_dropped is not None:  # the base on the dropped input, without bias, through the layer's own padding
-        dropped = _without_bias(self._layer_forward(x_dropped), None if bias is None else bias.reshape(
-            -1, *(1,) * (p.base.dim() - 2)))
+        dropped = self._layer_forward(x_dropped)
+        if bias is not None:
+            dropped = dropped - bias.reshape(-1, *(1,) * (p.base.dim() - 2))
     padding = self.padding
     if self.padding_mode != "zeros":  # the LoRA branch sees the input as the layer pads it (merge equals apply)
         pad = self._reversed_padding_repeated_twice

@@ -125,10 +125,9 @@ def _dora_output(layer: nn.Module, x: torch.Tensor, result: torch.Tensor, p: Dor
     scale = dora_scale(p.magnitude, weight_norm(weight, p.A, p.B, p.scaling, "linear"))
     x_dropped = F.dropout(x, p.dropout, True) if p.dropout else None
     h = (x if x_dropped is None else x_dropped).to(p.A.dtype)
-    lora = F.linear(F.linear(h, p.A) * p.scaling, p.B)
-    base = result if layer.bias is None else result - layer.bias
+    lora = F.linear(F.linear(h, p.A) * p.scaling, p.B * scale[:, None])
     dropped = None if x_dropped is None else F.linear(x_dropped.to(weight.dtype), weight)
-    return combine(result, base, lora, scale, base_dropped=dropped)
+    return combine(result, lora, scale, layer.bias, base_dropped=dropped)
 
 
 def dequantized_weight(layer: nn.Module) -> torch.Tensor:
