@@ -4,7 +4,7 @@ The adapter gets one more leaf per target, ``"lora_magnitude_vector"``, with PEF
 ``(out,)`` for Linear / transformers Conv1D, ``(embedding_dim,)`` for Embedding,
 ``(1, out, 1, …)`` for convs; in files it is ``base_model.model.<path>.lora_magnitude_vector``
 (no ``.weight``), in PEFT's memory ``….lora_magnitude_vector.default.weight``.
-The pure math (and PEFT's own layers) is tested in test_dora_math.py; docs/dora_notes.md has the facts.
+The pure math (and PEFT's own layers) is tested in test_dora_math.py; docs/dora.md has the facts.
 """
 
 import copy

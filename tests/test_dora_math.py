@@ -481,7 +481,7 @@ def test_nf4_base_equals_peft_with_the_layer_output_as_base():
     torch.testing.assert_close(ours, theirs, **TOL)
 
 
-# --- PEFT 0.21.2 facts the design relies on (pinned so docs/dora_notes.md stays true) -----------------
+# --- PEFT 0.21.2 facts the design relies on (pinned so docs/dora.md stays true) -----------------
 def _peft_refusal(model, **config):
     import peft
 

@@ -9,7 +9,7 @@ and, like PEFT, treats the norm as a constant in backward (it is detached). The 
 hold no state and import nothing from funclora; they work under ``torch.func.grad`` and
 ``torch.func.vmap`` (e.g. over stacked adapters: batch ``A``, ``B`` and ``m``).
 
-``kind`` names the weight layout, the same names as ``funclora.lazy.LoraParts.layout``:
+``kind`` names the weight layout, the same names as ``funclora.core.lazy.LoraParts.layout``:
 
 =============  ====================  ==============  ================  ===============
 kind           ``W``                 ``A``           ``B``             ``m`` (PEFT)
