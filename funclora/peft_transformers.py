@@ -16,6 +16,7 @@ from torch import nn
 from .core.config import LoraConfig
 from .core.pytree import stack
 from .core.rules import Factor
+from .multi.route import unroutable_targets
 
 __all__ = ["TransformersMethods"]
 
@@ -132,6 +133,13 @@ class TransformersMethods:
         if "forward" in vars(self._model):
             raise NotImplementedError(f"PeftModel.generate: adapter_names= cannot route a model whose instance has "
                                       f"its own `forward` ({type(self._model).__name__}, e.g. an accelerate hook).")
+        whole = unroutable_targets(self.lora.bound)
+        if whole:  # route would run the model once per adapter: the shared KV cache cannot follow
+            raise NotImplementedError(
+                f"PeftModel.generate: adapter_names= needs every target routed layer by layer, but {whole[:3]} "
+                f"({type(self.lora.plan.targets[whole[0]].module).__name__}{', DoRA' if self.lora.config.use_dora else ''}) "
+                "run the model once per adapter, which a shared KV cache cannot follow (PEFT refuses adapter_names "
+                "with DoRA too). Generate each adapter's rows with its own call.")
         beams = kwargs.get("num_beams")
         index = self._route_index(adapter_names, beams if isinstance(beams, int) and beams > 1 else 1)
         stacked = self._base_and_adapter()

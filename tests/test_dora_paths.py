@@ -140,3 +140,23 @@ def test_norm_matches_the_dense_norm_for_every_kind():
     torch.manual_seed(0)
     W, A, B = torch.randn(7, 5), torch.randn(3, 5), torch.randn(7, 3)
     torch.testing.assert_close(dora.weight_norm(W, A, B, 0.5, "linear"), (W + 0.5 * B @ A).norm(dim=1))
+
+
+def test_facade_mixed_batch_with_dora_routes_forward_and_refuses_generate():
+    """A forward with adapter_names routes DoRA rows (once per adapter); generate refuses, naming the
+    layers, because a shared KV cache cannot follow one pass per adapter (PEFT refuses both)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=4, vocab_size=50)).eval()
+    façade = fl.get_peft_model(model, fl.LoraConfig(target_modules=["q_proj", "v_proj"], r=4, use_dora=True,
+                                                    init_lora_weights=False)).eval()
+    ids = torch.randint(0, 50, (3, 5))
+    with torch.no_grad():
+        out = façade(ids, adapter_names=["default", "__base__", "default"], use_cache=False).logits
+        torch.testing.assert_close(out[1], model(ids[1:2]).logits[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out[0], façade(ids[:1]).logits[0], atol=1e-5, rtol=1e-5)
+    with pytest.raises(NotImplementedError, match=r"adapter_names= needs every target routed layer by layer, but "
+                                                  r"\['model.layers.0.self_attn.q_proj'.*DoRA"):
+        façade.generate(ids, max_new_tokens=2, adapter_names=["default", "__base__", "default"])

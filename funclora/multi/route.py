@@ -42,7 +42,7 @@ from ..core.rules import Conv1DRule, ConvRule, EmbeddingRule, LinearRule
 from ..errors import AdapterMismatchError
 from .routed_weight import ROUTE_INDEX, NotRoutable, RoutedParts, RoutedWeight, routed_weight
 
-__all__ = ["route", "RoutedWeight"]
+__all__ = ["route", "RoutedWeight", "unroutable_targets"]
 
 _ROUTABLE = (LinearRule, Conv1DRule, EmbeddingRule, ConvRule)
 # A saved nn.Linear runs as one matmul over all N adapters' weights when that costs at most this
@@ -187,6 +187,12 @@ def _as_index(index, n: int, device) -> torch.Tensor:
         raise IndexError(f"LoRA.route: index[{where}] = {value} is out of range for a stack of N = {n} "
                          f"adapters; valid adapter numbers are 0 … {n - 1}.")
     return t.to(device=device, dtype=torch.long)
+
+
+def unroutable_targets(bound) -> list[str]:
+    """Target paths that make :func:`route` run the whole model once per distinct adapter
+    (DoRA, MultiheadAttention, ``target_parameters``, user rules)."""
+    return [path for path, t in bound.plan.targets.items() if not _routable(t)]
 
 
 def _routable(target) -> bool:
