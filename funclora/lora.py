@@ -119,7 +119,8 @@ class LoRA:
         Returns:
             ``{path: {leaf: Tensor}}``: ``lora_A (r, in)`` / ``lora_B (out, r)`` for Linear,
             ``lora_embedding_A (r, num)`` / ``lora_embedding_B (dim, r)`` for Embedding, the
-            parameters of each saved module, and ``bias`` for trained biases.
+            parameters of each saved module, and ``bias`` for trained biases; with ``use_dora=True``
+            also ``lora_magnitude_vector`` (PEFT's init ``‖W + s·BA‖``, one value per output channel).
 
         Example:
         >>> import torch, funclora as fl
@@ -309,7 +310,8 @@ class LoRA:
         """``{param name: s·ΔW}`` for each adapted weight, keyed like :meth:`merge`'s params.
 
         Each ``ΔW`` has its parameter's shape (``(out, in)`` for a Linear, the kernel's shape for
-        a conv). Saved modules and trained biases are not deltas: see :meth:`merge`.
+        a conv). Saved modules and trained biases are not deltas: see :meth:`merge`. A DoRA
+        target's update depends on its base weight: ``m ⊙ (W + s·BA)/‖W + s·BA‖ − W``.
 
         Example:
         >>> import torch, funclora as fl
