@@ -160,3 +160,23 @@ def test_facade_mixed_batch_with_dora_routes_forward_and_refuses_generate():
     with pytest.raises(NotImplementedError, match=r"adapter_names= needs every target routed layer by layer, but "
                                                   r"\['model.layers.0.self_attn.q_proj'.*DoRA"):
         façade.generate(ids, max_new_tokens=2, adapter_names=["default", "__base__", "default"])
+
+
+def test_route_refuses_a_kv_cache_it_would_share_between_adapters():
+    """Run once per adapter, two equal groups would both append to one DynamicCache (no error, wrong keys)."""
+    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=4, vocab_size=50)).eval()
+    lora = fl.LoRA(model, fl.LoraConfig(target_modules=["q_proj", "v_proj"], r=4, use_dora=True))
+    stacked = fl.stack([_perturbed(lora, seed=1), _perturbed(lora, seed=2)])
+    ids = torch.randint(0, 50, (4, 5))
+    cache = DynamicCache(config=model.config)
+    with pytest.raises(ValueError, match=r"an input holds a DynamicCache: every pass would write its rows into that one "
+                                         r"KV cache.*use_cache=False"):
+        lora.route(stacked, [0, 1, 0, 1], input_ids=ids, cache=cache, use_cache=True)
+    assert cache.get_seq_length() == 0                    # refused before any pass wrote into it
+    with torch.no_grad():                                 # one adapter: a single pass may use the cache
+        lora.route(stacked, [1, 1, 1, 1], input_ids=ids, cache=cache, use_cache=True)
+    assert cache.get_seq_length() == 5

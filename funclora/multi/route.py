@@ -242,7 +242,7 @@ def route(bound, stacked: dict, index, args: tuple, kwargs: dict, *, call):
                          f"(input shapes: {shapes}); give one adapter number per example.")
 
     plan, model = bound.plan, bound.model
-    layered = all(_routable(t) for t in plan.targets.values())
+    layered = not unroutable_targets(bound)
     per_adapter = [*plan.saved, *plan.biases]           # modules run once per distinct adapter
     if any(getattr(model.get_submodule(p), "batch_first", True) is False for p in per_adapter):
         layered = False
@@ -303,9 +303,21 @@ def _route_layers(bound, stacked, idx, args, kwargs):
     return out
 
 
+def _is_kv_cache(value) -> bool:
+    """A transformers ``Cache`` (``DynamicCache`` & co.), by class name: transformers is optional."""
+    return any(c.__name__ == "Cache" and c.__module__.startswith("transformers") for c in type(value).__mro__)
+
+
 def _route_per_adapter(call, stacked, idx, args, kwargs):
     n = idx.shape[0]
     groups = _groups(idx)
+    cache = next((v for v in pytree.tree_leaves((args, kwargs)) if _is_kv_cache(v)), None)
+    if cache is not None and len(groups) > 1:
+        raise ValueError(
+            f"LoRA.route: this model runs once per distinct adapter (a target or module is not routed layer by "
+            f"layer: DoRA, MultiheadAttention, target_parameters, a user rule), and an input holds a "
+            f"{type(cache).__name__}: every pass would write its rows into that one KV cache and later passes would "
+            "attend to the other adapters' keys. Pass use_cache=False, or run each adapter's rows with its own cache.")
     outs = []
     for u, rows in groups:
         sub_args, sub_kwargs = (args, kwargs) if len(groups) == 1 else _split((args, kwargs), rows, n)
