@@ -16,7 +16,7 @@ from torch import nn
 from ._kinds import CONV1D, type_name
 from .dora import dora_scale, magnitude_init, weight_norm  # noqa: F401 (magnitude_init: the examples)
 
-__all__ = ["combine", "linear_forward", "conv1d_t_forward", "embedding_forward", "conv_forward",
+__all__ = ["combine", "scaled_rows", "linear_forward", "conv1d_t_forward", "embedding_forward", "conv_forward",
            "DoraParts", "dora_view", "has_standard_forward"]
 
 
@@ -46,7 +46,7 @@ def combine(result: torch.Tensor, lora: torch.Tensor, scale: torch.Tensor, bias=
     return out if out.dtype == result.dtype else out.to(result.dtype)
 
 
-def _scaled_rows(B: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def scaled_rows(B: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``scale ⊙ B``: each output channel's row of ``B`` (``(out, r, *1)``) times its factor."""
     return B * scale.reshape(-1, *(1,) * (B.dim() - 1))
 
@@ -77,7 +77,7 @@ def linear_forward(x, weight, bias, A, B, magnitude, scaling, *, x_dropped=None,
     h = x if x_dropped is None else x_dropped
     if h.dtype != A.dtype:
         h = h.to(A.dtype)
-    lora = F.linear(F.linear(h, A) * scaling, _scaled_rows(B, scale))
+    lora = F.linear(F.linear(h, A) * scaling, scaled_rows(B, scale))
     if result is None:
         result = F.linear(x, weight, bias)
     dropped = None if x_dropped is None else F.linear(x_dropped.to(weight.dtype), weight)
@@ -110,7 +110,7 @@ def embedding_forward(ids, weight, A, B, magnitude, scaling, *, padding_idx=None
         norm = weight_norm(weight, A, B, scaling, "embedding", base_sq=base_sq)
     scale = dora_scale(magnitude, norm)
     rows = F.embedding(ids, A.transpose(-2, -1), padding_idx)
-    lora = F.linear(rows * scaling, _scaled_rows(B, scale))
+    lora = F.linear(rows * scaling, scaled_rows(B, scale))
     if embed_scale is not None:
         lora = lora * embed_scale
     if base_out is None:
@@ -146,7 +146,7 @@ def conv_forward(x, weight, bias, A, B, magnitude, scaling, *, stride=1, padding
     h = x if x_dropped is None else x_dropped
     if h.dtype != A.dtype:
         h = h.to(A.dtype)
-    lora = conv(conv(h, A, None, stride, padding, dilation, 1) * scaling, _scaled_rows(B, scale), None, 1, 0, 1,
+    lora = conv(conv(h, A, None, stride, padding, dilation, 1) * scaling, scaled_rows(B, scale), None, 1, 0, 1,
                 groups)
     b = None if bias is None else bias.reshape(-1, *ones)
     if result is None:

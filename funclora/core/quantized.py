@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .dora import dora_scale, weight_norm
-from .dora_forward import DoraParts, combine
+from .dora_forward import DoraParts, combine, scaled_rows
 from .lazy import LoraParts, _add_product, _lora_a
 from .rules import Factor, LinearRule, Rule
 
@@ -125,21 +125,25 @@ def _dora_output(layer: nn.Module, x: torch.Tensor, result: torch.Tensor, p: Dor
     scale = dora_scale(p.magnitude, weight_norm(weight, p.A, p.B, p.scaling, "linear"))
     x_dropped = F.dropout(x, p.dropout, True) if p.dropout else None
     h = (x if x_dropped is None else x_dropped).to(p.A.dtype)
-    lora = F.linear(F.linear(h, p.A) * p.scaling, p.B * scale[:, None])
+    lora = F.linear(F.linear(h, p.A) * p.scaling, scaled_rows(p.B, scale))
     dropped = None if x_dropped is None else F.linear(x_dropped.to(weight.dtype), weight)
     return combine(result, lora, scale, layer.bias, base_dropped=dropped)
 
 
-def dequantized_weight(layer: nn.Module) -> torch.Tensor:
-    """The dense ``(out, in)`` weight of a quantized linear (bitsandbytes 4-/8-bit, torchao), a new tensor."""
+def dequantized_weight(layer: nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The dense ``(out, in)`` weight of a quantized linear (bitsandbytes 4-/8-bit, torchao), a new tensor.
+
+    An 8-bit weight is computed in ``dtype`` as bitsandbytes' CPU kernel does (``CB·SCB/127``);
+    the others come in their library's dtype.
+    """
     weight = layer.weight
     if type(weight).__name__ == "Params4bit":
         import bitsandbytes.functional as bnb_functional
 
         return bnb_functional.dequantize_4bit(weight.data, weight.quant_state)
     if type(weight).__name__ == "Int8Params":
-        scales = weight.SCB if getattr(weight, "SCB", None) is not None else layer.state.SCB
-        return weight.data.to(torch.float32) * (scales.to(torch.float32)[:, None] / 127)
+        scales = weight.SCB if getattr(weight, "SCB", None) is not None else layer.state.SCB  # moved there by a forward
+        return weight.data.to(dtype) * (scales.to(dtype)[:, None] / 127)
     if hasattr(weight, "dequantize"):
         return weight.dequantize()
     return weight.detach()
@@ -151,10 +155,7 @@ def _int8_dequantized_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     Its autograd.Function has no ``setup_context``, so torch.func cannot run it; the dense weight
     made here is a temporary of this call.
     """
-    weight = layer.weight
-    scales = weight.SCB if getattr(weight, "SCB", None) is not None else layer.state.SCB  # moved there by a forward
-    dense = weight.data.to(x.dtype) * (scales.to(x.dtype)[:, None] / 127)
-    return F.linear(x, dense, layer.bias)
+    return F.linear(x, dequantized_weight(layer, x.dtype), layer.bias)
 
 
 def for_quantized_weight(module: nn.Module, rule: Rule | None) -> Rule | None:
