@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import copy
 import os
-import warnings
 
 import torch
 from torch import nn
 
 from .core.config import LoraConfig
-from .io import load_adapter, read_base_weights, read_config, save_adapter
+from .io import load_adapter_and_base_weights, read_config, save_adapter
 from .lora import LoRA
 from .peft_transformers import _with_task_heads
 
@@ -43,11 +42,7 @@ def _read_folder(model, folder, config, fn, kwargs) -> tuple[dict, LoraConfig, d
     if config is None:
         config = read_config(folder)
     config = _with_task_heads(model, config)   # a PEFT file lists every task head, present or not
-    with warnings.catch_warnings():  # load_adapter's note on base weights: this façade applies them
-        warnings.filterwarnings("ignore", message=r".*also holds base weights", category=UserWarning)
-        adapter, loaded = load_adapter(folder, config=config, model=model, **options)
-    base = read_base_weights(folder, model=model, config=loaded, device=options.get("device"))
-    return adapter, loaded, base
+    return load_adapter_and_base_weights(folder, config=config, model=model, **options)  # this façade applies them
 
 
 class FolderMethods:

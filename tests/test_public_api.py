@@ -13,7 +13,8 @@ PUBLIC = [
     "suggest_targets", "unregister_rule", "unstack",
 ]
 MODULES = {
-    funclora.io: ["save_adapter", "load_adapter", "load_adapters", "read_config", "read_base_weights"],
+    funclora.io: ["save_adapter", "load_adapter", "load_adapters", "read_config", "read_base_weights",
+                  "load_adapter_and_base_weights"],
     funclora.distributed: ["all_reduce_grads", "broadcast_adapter", "fsdp_units", "sharded_forward"],
     funclora.rules: ["Rule", "Factor", "ParameterRule", "LinearRule", "Conv1DRule", "EmbeddingRule", "ConvRule",
                      "MultiheadAttentionRule", "OutputRule", "register_rule", "unregister_rule", "find_rule",

@@ -434,6 +434,11 @@ def test_peft_folder_with_embedding_base_layer_and_resized_vocabulary_loads_with
     with pytest.warns(UserWarning, match="differ from the model's own"):
         fl.load_adapter(tmp_path / "peft", model=fresh)
     fl.load_adapter(tmp_path / "peft", model=trained)  # equal base weights: nothing to say
+    adapter, _, base = fl.io.load_adapter_and_base_weights(tmp_path / "peft", model=fresh)  # one read, no warning
+    assert base.keys() == fl.io.read_base_weights(tmp_path / "peft", model=fresh).keys() == {"model.embed_tokens.weight"}
+    assert all(torch.equal(base[n], t) for n, t in fl.io.read_base_weights(tmp_path / "peft", model=fresh).items())
+    assert all(torch.equal(adapter[p][k], t) for p, d in fl.load_adapter(tmp_path / "peft", model=trained)[0].items()
+               for k, t in d.items())
     ours.save_pretrained(tmp_path / "ours")  # writes them back, as PEFT does
     again = _quiet(peft.PeftModel.from_pretrained, copy.deepcopy(fresh), str(tmp_path / "ours"))
     torch.testing.assert_close(again(input_ids=x).logits, want, **TOL)

@@ -48,7 +48,8 @@ PEFT applies an MHA's out_proj delta twice (PR #3774); its ``modules_to_save`` m
 
 from __future__ import annotations
 
-from .load import load_adapter, load_adapters, read_base_weights, read_config
+from .load import load_adapter, load_adapter_and_base_weights, load_adapters, read_base_weights, read_config
 from .save import save_adapter
 
-__all__ = ["save_adapter", "load_adapter", "load_adapters", "read_config", "read_base_weights"]
+__all__ = ["save_adapter", "load_adapter", "load_adapters", "read_config", "read_base_weights",
+           "load_adapter_and_base_weights"]

@@ -13,7 +13,7 @@ from ..core.config import LoraConfig, read_config_file, read_config_folder
 from ..core.registry import rules_in_metadata, with_rules
 from . import layout
 
-__all__ = ["load_adapter", "load_adapters", "read_config", "read_base_weights"]
+__all__ = ["load_adapter", "load_adapter_and_base_weights", "load_adapters", "read_config", "read_base_weights"]
 
 
 def read_config(folder: str | os.PathLike) -> LoraConfig:
@@ -67,7 +67,24 @@ def load_adapter(path: str | os.PathLike, *, model: torch.nn.Module | None = Non
         >>> config.target_modules, config.modules_to_save
         (['0'], ['2'])
     """
-    fn = "load_adapter"
+    adapter, config, _ = _load(path, model, config, adapter_name, dtype, device, strict, "load_adapter", warn=True)
+    return adapter, config
+
+
+def load_adapter_and_base_weights(path: str | os.PathLike, *, model: torch.nn.Module, config: LoraConfig | None = None,
+                                  adapter_name: str | None = None, dtype: torch.dtype | None = None, device=None,
+                                  strict: bool = True) -> tuple[Adapter, LoraConfig, dict[str, torch.Tensor]]:
+    """:func:`load_adapter` plus the base weights PEFT saved beside the adapter, from one read of the folder.
+
+    Returns ``(adapter, config, {parameter name: Tensor})``: the third as :func:`read_base_weights`
+    gives it (the model's dtypes; empty when the folder has none). What
+    :meth:`funclora.PeftModel.from_pretrained` uses.
+    """
+    return _load(path, model, config, adapter_name, dtype, device, strict, "load_adapter", warn=False)
+
+
+def _load(path, model, config, adapter_name, dtype, device, strict, fn, *, warn):
+    """``(adapter, config, base weights)``; ``warn``: say when the folder's base weights differ from the model's."""
     if dtype is not None and not isinstance(dtype, torch.dtype):
         raise TypeError(f"{fn}: `dtype` must be a torch.dtype or None, got {dtype!r}.")
     folder = files.adapter_folder(path, adapter_name, fn)
@@ -79,6 +96,7 @@ def load_adapter(path: str | os.PathLike, *, model: torch.nn.Module | None = Non
     tensors, meta = files.read_weights(folder, fn)
     config = with_rules(config, rules_in_metadata(meta, file, fn), required=model is not None, file=file, fn=fn)
     stripped = layout.strip_prefix(tensors)
+    base: dict[str, torch.Tensor] = {}
     if model is None:
         adapter = layout.parse_keys(stripped, config, file, strict, fn)
     else:
@@ -86,7 +104,9 @@ def load_adapter(path: str | os.PathLike, *, model: torch.nn.Module | None = Non
             bound = Bound(model, config)
         except ValueError as e:
             raise type(e)(f"{fn}: the config of {folder!r} does not fit the model: {e}") from None
-        _split_base_weights(stripped, bound, file, fn)
+        base = _split_base_weights(stripped, bound, file, fn, warn=warn)
+        base = {name: t.to(device=model.get_parameter(name).device if device is None else device,
+                           dtype=model.get_parameter(name).dtype) for name, t in base.items()}
         adapter = layout.match_keys(stripped, bound, file, strict, fn)
         if dtype is None:  # as PEFT: the file's values land in leaves of the dtypes init() gives
             want = bound.leaf_dtypes()
@@ -95,10 +115,10 @@ def load_adapter(path: str | os.PathLike, *, model: torch.nn.Module | None = Non
     if dtype is not None or device is not None:
         adapter = {p: {leaf: t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else None)
                        for leaf, t in leaves.items()} for p, leaves in adapter.items()}
-    return adapter, config
+    return adapter, config, base
 
 
-def _split_base_weights(stripped: dict, bound: Bound, file: str, fn: str) -> dict[str, torch.Tensor]:
+def _split_base_weights(stripped: dict, bound: Bound, file: str, fn: str, *, warn: bool) -> dict[str, torch.Tensor]:
     """Take PEFT's saved base weights out of ``stripped`` (in place): ``{parameter name: tensor}``.
 
     The adapter does not hold them; when they differ from the model's own, a warning says where
@@ -111,12 +131,12 @@ def _split_base_weights(stripped: dict, bound: Bound, file: str, fn: str) -> dic
         own = bound.model.get_parameter(name)
         if own.shape != value.shape or not torch.equal(own.detach().cpu(), value.to(own.dtype)):
             differ.append(name)
-    if differ:
+    if differ and warn:
         warnings.warn(f"{fn}: {file!r} also holds base weights of the model ({differ}: PEFT's save_embedding_layers, "
                       "e.g. after resize_token_embeddings) that differ from the model's own; PEFT's model uses the "
                       "file's. The adapter returned here does not carry them: fl.PeftModel.from_pretrained applies "
                       "them, or pass them as params (funclora.io.read_base_weights) to lora.apply.",
-                      UserWarning, stacklevel=3)
+                      UserWarning, stacklevel=4)
     return found
 
 
