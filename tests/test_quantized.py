@@ -181,6 +181,30 @@ def test_torchao_int8_weight_only_equals_peft(tmp_path):
     assert type(model[0].weight).__name__ == "Int8Tensor"
 
 
+def test_a_torchao_folder_records_no_custom_rule_and_loads_onto_the_unquantized_model(tmp_path):
+    """The output rule of a torchao layer is built in: the file must not record it as a custom rule for
+    every nn.Linear (loading would then put every Linear of another model on the output rule)."""
+    import json
+
+    from safetensors import safe_open
+
+    quantization = pytest.importorskip("torchao.quantization")
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64))
+    model = copy.deepcopy(dense)
+    quantization.quantize_(model[0], quantization.Int8WeightOnlyConfig())
+    lora = fl.LoRA(model, fl.LoraConfig(target_modules=["0", "2"], r=4))
+    assert [type(t.rule).__name__ for t in lora.plan.targets.values()] == ["OutputRule", "LinearRule"]
+    fl.save_adapter(tmp_path, _adapter(lora), lora=lora)
+    with safe_open(str(tmp_path / "adapter_model.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["funclora"])["custom_rules"] == []
+    adapter, config = fl.load_adapter(tmp_path, model=dense)
+    assert config._custom_modules == {}
+    onto = fl.LoRA(dense, config)
+    assert [type(t.rule).__name__ for t in onto.plan.targets.values()] == ["LinearRule", "LinearRule"]
+    onto.merge(adapter)                                    # plain Linear layers merge
+
+
 def _dense_copies(shapes) -> int:
     """How many float tensors of the given weight shapes are alive (a dequantized weight would be one)."""
     gc.collect()

@@ -35,7 +35,7 @@ from .dora_forward import DoraParts, combine, scaled_rows
 from .lazy import LoraParts, _add_product, _lora_a
 from .rules import Factor, LinearRule, Rule
 
-__all__ = ["OutputRule", "output_view"]
+__all__ = ["OutputRule", "OUTPUT_RULE", "output_view", "for_quantized_weight", "dequantized_weight"]
 
 
 class OutputRule(Rule):
@@ -168,8 +168,9 @@ def for_quantized_weight(module: nn.Module, rule: Rule | None) -> Rule | None:
         return rule
     weight = getattr(module, "weight", None)
     if isinstance(weight, torch.Tensor) and type(weight).__module__.split(".")[0] == "torchao":
-        return _OUTPUT
+        return OUTPUT_RULE
     return rule
 
 
-_OUTPUT = OutputRule()
+#: the one OutputRule instance: the registry serves it for bitsandbytes layers, for_quantized_weight for torchao
+OUTPUT_RULE = OutputRule()

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..errors import AdapterFileError, UnsupportedModuleError
 from ._kinds import CONV1D, type_name
-from .quantized import OutputRule
+from .quantized import OUTPUT_RULE, OutputRule, for_quantized_weight
 from .rules import (Conv1DRule, ConvRule, EmbeddingRule, LinearRule, MultiheadAttentionRule, ParameterRule, Rule,
                     _FactoredRule)
 
@@ -30,7 +30,6 @@ __all__ = ["register_rule", "unregister_rule", "find_rule", "supported_types", "
            "builtin_kind", "qualified_name", "recorded_rules", "rules_in_metadata", "with_rules",
            "user_rule_types"]
 
-_OUTPUT = OutputRule()
 _BUILTIN: dict = {
     nn.Linear: LinearRule(),
     nn.Embedding: EmbeddingRule(),
@@ -40,8 +39,8 @@ _BUILTIN: dict = {
     nn.MultiheadAttention: MultiheadAttentionRule(),
     CONV1D: Conv1DRule(),
     # bitsandbytes' quantized linears, by name (bitsandbytes is optional)
-    "bitsandbytes.nn.modules.Linear4bit": _OUTPUT,
-    "bitsandbytes.nn.modules.Linear8bitLt": _OUTPUT,
+    "bitsandbytes.nn.modules.Linear4bit": OUTPUT_RULE,
+    "bitsandbytes.nn.modules.Linear8bitLt": OUTPUT_RULE,
 }
 _USER: dict = {}
 
@@ -168,11 +167,12 @@ def find_rule(module: nn.Module, custom: dict | None = None) -> Rule | None:
 
 
 def builtin_rule(module: nn.Module) -> Rule | None:
-    """The built-in rule for ``module``'s type (by MRO), ignoring registered rules."""
+    """The built-in rule for ``module`` (by its type's MRO; an ``nn.Linear`` whose weight torchao
+    quantized gets the output rule), ignoring registered rules."""
     for cls in type(module).__mro__:
         rule = _BUILTIN.get(cls) or _BUILTIN.get(type_name(cls))
         if rule is not None:
-            return rule
+            return for_quantized_weight(module, rule)
     return None
 
 
